@@ -1,0 +1,81 @@
+"""The CMP's HTTP app. This slice serves what the gateways need: the JWKS and the internal
+registry endpoint they fall back to when an entry is missing from Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cmp.apikeys import sync_revocations
+from cmp.config import CmpConfig
+from cmp.errors import CmpError
+from cmp.migrate import migrate
+from cmp.registry import load_instance, republish_all
+from cmp.signing import active_signing_key, jwks
+
+
+def error_response(exc: CmpError) -> JSONResponse:
+    body: dict[str, object] = {"code": exc.code, "message": exc.message}
+    if exc.fields:
+        body["fields"] = exc.fields
+    return JSONResponse({"error": body}, status_code=exc.status)
+
+
+def build_app(config: CmpConfig) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=10)
+        redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            await active_signing_key(conn)
+            await republish_all(conn, redis)
+            await sync_revocations(conn, redis)
+        app.state.pool = pool
+        app.state.redis = redis
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    async def healthz(request: Request) -> Response:
+        async with request.app.state.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        return JSONResponse({"status": "ok"})
+
+    async def jwks_endpoint(request: Request) -> Response:
+        async with request.app.state.pool.acquire() as conn:
+            body = await jwks(conn)
+        return JSONResponse(body, headers={"Cache-Control": "public, max-age=60"})
+
+    async def registry_entry(request: Request) -> Response:
+        supplied = request.headers.get("authorization", "")
+        if not hmac.compare_digest(supplied.encode(), f"Bearer {config.service_token}".encode()):
+            return JSONResponse(
+                {"error": {"code": "unauthorized", "message": "service token required"}},
+                status_code=401,
+            )
+        try:
+            async with request.app.state.pool.acquire() as conn:
+                instance = await load_instance(conn, request.path_params["agent_id"])
+        except CmpError as exc:
+            return error_response(exc)
+        return JSONResponse(instance.registry_entry())
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/.well-known/jwks.json", jwks_endpoint),
+            Route("/internal/registry/{agent_id}", registry_entry),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,1 @@
+"""The embedded default stack: real services on loopback for dev, demo, tests and CI."""

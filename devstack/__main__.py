@@ -1,0 +1,93 @@
+"""`python -m devstack up`: start the embedded stack, seed the demo, wait for Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from devstack.procs import StackError
+from devstack.seed import seed_demo
+from devstack.stack import Ports, Stack, StackSettings, run_coroutine
+
+
+def _ports() -> Ports:
+    defaults = Ports()
+    values = {}
+    for name in Ports.__slots__:
+        raw = os.environ.get(f"SITEKIT_PORT_{name.upper()}", "")
+        try:
+            values[name] = int(raw) if raw else getattr(defaults, name)
+        except ValueError:
+            raise StackError(
+                f"SITEKIT_PORT_{name.upper()} must be a port number, got {raw!r}"
+            ) from None
+    return Ports(**values)
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def up(root: Path) -> int:
+    stack = Stack(StackSettings(root=root, ports=_ports(),
+                                gateway_workers=int(os.environ.get("GATEWAY_WORKERS", "2"))),
+                  progress=_print)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    _print(f"Site Kit: starting the stack (data in {root})")
+    try:
+        stack.start()
+        _print("  seeding the demo ...")
+        demo = run_coroutine(seed_demo(stack))
+    except BaseException as exc:  # noqa: BLE001 - Ctrl-C or any failure stops the whole stack
+        _print(f"\nstart failed: {exc}")
+        stack.stop()
+        return 1
+    first = demo["tenants"][0]
+    _print(f"""
+Site Kit is up.
+  gateway   {stack.gateway_url}   (metrics {stack.gateway_url}/metrics)
+  cmp       {stack.cmp_url}   (JWKS {stack.jwks_url})
+  runtime   {stack.runtime_url}   mock LLM {stack.llm_url}
+  redis     {stack.redis_url}   kafka {stack.kafka_bootstrap}
+  demo      {root / 'demo.json'}   logs {root / 'logs'}
+
+Stream an answer:
+  curl -N {stack.gateway_url}/v1/agents/{first['agent_id']}/chat \\
+    -H 'Authorization: Bearer {first['secret_key']}' \\
+    -H 'Content-Type: application/json' -H 'Accept: text/event-stream' \\
+    -d '{{"message": "Hello there"}}'
+
+Ctrl-C stops everything.""")
+    try:
+        while not stopping.wait(1.0):
+            for name, process in stack.processes.items():
+                if not process.running:
+                    _print(f"{name} stopped unexpectedly; see {process.log_path}")
+                    stopping.set()
+    except KeyboardInterrupt:
+        pass
+    _print("\nstopping ...")
+    stack.stop()
+    _print("stopped.")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "up"
+    root = Path(os.environ.get("SITEKIT_DATA_DIR", ".stack")).resolve()
+    if command == "up":
+        try:
+            return up(root)
+        except StackError as exc:
+            print(f"make up: {exc}", file=sys.stderr)
+            return 1
+    print(f"devstack: unknown command {command!r} (up)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
