@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 import asyncpg
+import redis.asyncio as aioredis
 import uvicorn
 
 from cmp.app import build_app
@@ -21,7 +22,11 @@ async def _with_conn(config: CmpConfig, command: str) -> None:
             applied = await migrate(conn)
             print("applied: " + (", ".join(applied) if applied else "nothing, up to date"))
         else:
-            key = await rotate_signing_key(conn)
+            redis = aioredis.from_url(config.redis_url, socket_timeout=5)
+            try:
+                key = await rotate_signing_key(conn, redis)
+            finally:
+                await redis.aclose()
             print(f"new signing key {key.kid}; older keys stay in the JWKS until retired")
     finally:
         await conn.close()

@@ -3,17 +3,21 @@ registry endpoint they fall back to when an entry is missing from Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cmp import wire
 from cmp.apikeys import sync_revocations
 from cmp.config import CmpConfig
 from cmp.errors import CmpError
@@ -21,12 +25,30 @@ from cmp.migrate import migrate
 from cmp.registry import load_instance, republish_all
 from cmp.signing import active_signing_key, jwks
 
+log = logging.getLogger("sitekit.cmp")
+
 
 def error_response(exc: CmpError) -> JSONResponse:
     body: dict[str, object] = {"code": exc.code, "message": exc.message}
     if exc.fields:
         body["fields"] = exc.fields
     return JSONResponse({"error": body}, status_code=exc.status)
+
+
+async def _keep_redis_in_sync(pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """Publish every registry entry and revocation again whenever Redis has lost them (a
+    restart without persistence), checked every second through a marker key."""
+    while True:
+        try:
+            if not await redis.exists(wire.SYNCED_MARKER):
+                async with pool.acquire() as conn:
+                    entries = await republish_all(conn, redis)
+                    revoked = await sync_revocations(conn, redis)
+                await redis.set(wire.SYNCED_MARKER, "1")
+                log.info("published %d registry entries and %d revocations", entries, revoked)
+        except (CmpError, RedisError, OSError) as exc:
+            log.warning("cannot sync Redis yet: %s", exc)
+        await asyncio.sleep(1.0)
 
 
 def build_app(config: CmpConfig) -> Starlette:
@@ -37,13 +59,14 @@ def build_app(config: CmpConfig) -> Starlette:
         async with pool.acquire() as conn:
             await migrate(conn)
             await active_signing_key(conn)
-            await republish_all(conn, redis)
-            await sync_revocations(conn, redis)
         app.state.pool = pool
         app.state.redis = redis
+        reconciler = asyncio.create_task(_keep_redis_in_sync(pool, redis))
         try:
             yield
         finally:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
             await redis.aclose()
             await pool.close()
 

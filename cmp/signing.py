@@ -13,12 +13,14 @@ from typing import Any
 import asyncpg
 import jwt
 import orjson
+import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
+from redis.exceptions import RedisError
 
 from cmp import wire
-from cmp.errors import NotFound
+from cmp.errors import NotFound, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +81,27 @@ async def active_signing_key(conn: asyncpg.Connection) -> SigningKey:
     return _load(row["kid"], row["private_pem"])
 
 
-async def rotate_signing_key(conn: asyncpg.Connection) -> SigningKey:
-    return await create_signing_key(conn)
+async def rotate_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis) -> SigningKey:
+    key = await create_signing_key(conn)
+    await announce_jwks_change(redis)
+    return key
 
 
-async def retire_signing_key(conn: asyncpg.Connection, kid: str) -> None:
+async def retire_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis, kid: str) -> None:
     status = await conn.execute(
         "UPDATE signing_keys SET retired_at = now() WHERE kid = $1 AND retired_at IS NULL", kid
     )
     if status.endswith(" 0"):
         raise NotFound(f"no active signing key {kid!r}")
+    await announce_jwks_change(redis)
+
+
+async def announce_jwks_change(redis: aioredis.Redis) -> None:
+    """Gateways fetch the JWKS again at once, rather than when they meet an unknown kid."""
+    try:
+        await redis.publish(wire.JWKS_CHANNEL, "changed")
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"could not announce the new signing keys: {exc}") from exc
 
 
 async def jwks(conn: asyncpg.Connection) -> dict[str, Any]:

@@ -10,6 +10,10 @@ REGISTRY_PREFIX = "sk:registry:"
 REGISTRY_CHANNEL = "sk:registry:changed"
 REVOKED_SET = "sk:keys:revoked"
 REVOKED_CHANNEL = "sk:keys:revocations"
+JWKS_CHANNEL = "sk:jwks:changed"
+
+# Present while Redis holds everything the CMP published; gone after Redis lost its data.
+SYNCED_MARKER = "sk:cmp:synced"
 
 KEY_KINDS = ("secret", "publishable")
 

@@ -62,6 +62,9 @@ class StackSettings:
     llm_first_token_ms: float = 150
     llm_tokens_per_s: float = 40
     usage_topic: str = "agent-usage"
+    # Postgres runs as an unprivileged user when started as root: every folder above its data
+    # must be searchable by that user (pytest's temporary folders are not).
+    postgres_dir: Path | None = None
     issuer: str = "sitekit-cmp"
 
 
@@ -137,7 +140,7 @@ class Stack:
     def start_postgres(self) -> None:
         from pgserver import postgres_server
 
-        data = self.root / "postgres"
+        data = self.settings.postgres_dir or self.root / "postgres"
         self._postgres = postgres_server.get_server(data, cleanup_mode="stop")
         self._postgres.psql(
             "SELECT 'CREATE DATABASE sitekit' WHERE NOT EXISTS"

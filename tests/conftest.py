@@ -81,10 +81,22 @@ def usage_topic() -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(stack_dir: Path) -> Iterator[object]:
-    import pgserver
+def open_dir() -> Iterator[Path]:
+    """A folder every user can reach: Postgres runs as its own user when tests run as root."""
+    import shutil
+    import tempfile
 
-    server = pgserver.get_server(stack_dir / "pg", cleanup_mode="stop")
+    path = Path(tempfile.mkdtemp(prefix="sitekit-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(open_dir: Path) -> Iterator[object]:
+    from pgserver import postgres_server
+
+    server = postgres_server.get_server(open_dir / "pg", cleanup_mode="stop")
     yield server
     server.cleanup()
 
@@ -122,7 +134,7 @@ async def database_url(postgres_server: object, migrated_template: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack(stack_dir: Path) -> Iterator[object]:
+def stack(stack_dir: Path, open_dir: Path) -> Iterator[object]:
     """The whole stack (Postgres, Redis, Kafka, mock LLM, runtime, CMP, gateway) on free ports,
     with the demo flow deployed; tests make their own tenants so none sees another's state."""
     import httpx
@@ -133,7 +145,7 @@ def stack(stack_dir: Path) -> Iterator[object]:
 
     settings = StackSettings(
         root=stack_dir / "full", ports=Ports.free(), gateway_workers=2,
-        llm_first_token_ms=20, llm_tokens_per_s=400,
+        llm_first_token_ms=20, llm_tokens_per_s=400, postgres_dir=open_dir / "stack-pg",
     )
     running = Stack(settings)
     try:

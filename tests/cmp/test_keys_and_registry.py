@@ -77,12 +77,17 @@ async def test_issued_key_verifies_against_the_jwks_with_its_claims(
     assert issued.token not in repr(listed)
 
 
-async def test_rotation_keeps_old_keys_valid_until_retired(conn: asyncpg.Connection) -> None:
+async def test_rotation_keeps_old_keys_valid_until_retired(
+    conn: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(wire.JWKS_CHANNEL)
     agent = await make_agent(conn)
     old = await issue_key(conn, issuer=ISSUER, tenant_id=agent.tenant_id,
                           agent_id=agent.agent_id, kind="secret")
     old_kid = jwt.get_unverified_header(old.token)["kid"]
-    new_signer = await rotate_signing_key(conn)
+    new_signer = await rotate_signing_key(conn, redis)
+    assert await next_message(pubsub) == "changed"
     assert (await active_signing_key(conn)).kid == new_signer.kid != old_kid
     new = await issue_key(conn, issuer=ISSUER, tenant_id=agent.tenant_id,
                           agent_id=agent.agent_id, kind="secret")
@@ -90,7 +95,9 @@ async def test_rotation_keeps_old_keys_valid_until_retired(conn: asyncpg.Connect
     keyset = await jwks(conn)
     verify(old.token, keyset)
     verify(new.token, keyset)
-    await retire_signing_key(conn, old_kid)
+    await retire_signing_key(conn, redis, old_kid)
+    assert await next_message(pubsub) == "changed"
+    await pubsub.aclose()
     keyset = await jwks(conn)
     assert old_kid not in {k["kid"] for k in keyset["keys"]}
     with pytest.raises(KeyError):

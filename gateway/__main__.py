@@ -1,0 +1,45 @@
+"""`python -m gateway`: serve the gateway with GATEWAY_WORKERS worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, GatewayConfig
+
+
+def main() -> int:
+    try:
+        config = GatewayConfig.from_env()
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its metrics here; /metrics on any worker sums them all.
+        metrics_dir = Path(config.spool_dir).parent / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    import uvicorn  # after the metrics directory is set: prometheus_client reads it at import
+
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        backlog=4096,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

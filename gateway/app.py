@@ -1,0 +1,224 @@
+"""The gateway ASGI app, built from one GatewayConfig; clients and pools live in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.access import Gatekeeper
+from gateway.agent_config import AgentConfigEndpoint, Preflight
+from gateway.audit import AuditLog
+from gateway.changes import ChangeListener, RevokedKeys
+from gateway.chat import ChatEndpoint
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.keys import Jwks, KeyVerifier
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.observe import Front
+from gateway.registry import RegistryCache
+from gateway.relay import Relay
+from gateway.responses import Receive, Scope, Send
+from gateway.upstream import UpstreamPool, UpstreamSettings
+from gateway.usage import UsageEmitter
+from ratelimit.limiter import BucketLimiter
+
+log = logging.getLogger("sitekit.gateway")
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything the lifespan builds; endpoints hold references to the parts they use."""
+
+    redis: aioredis.Redis
+    cmp: httpx.AsyncClient
+    jwks: Jwks
+    verifier: KeyVerifier
+    registry: RegistryCache
+    revoked: RevokedKeys
+    listener: ChangeListener
+    limiter: BucketLimiter
+    upstream: UpstreamPool
+    usage: UsageEmitter
+    audit: AuditLog
+
+
+class Deferred:
+    """An ASGI endpoint whose real handler is made in the lifespan, once the pools exist."""
+
+    def __init__(self) -> None:
+        self.handler: object = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
+        return await self.handler(scope, receive, send)  # type: ignore[operator]
+
+
+def build_app(config: GatewayConfig) -> Front:
+    metrics = GatewayMetrics()
+    chat, agent_config, preflight = Deferred(), Deferred(), Deferred()
+    state: dict[str, Services] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            audit = AuditLog(config.audit_log)
+            audit.open()
+            stack.callback(audit.close)
+            redis = aioredis.from_url(
+                config.redis_url,
+                socket_timeout=config.redis_timeout_s,
+                socket_connect_timeout=config.connect_timeout_s,
+            )
+            stack.push_async_callback(redis.aclose)
+            cmp = httpx.AsyncClient(
+                base_url=config.cmp_url,
+                timeout=httpx.Timeout(2.0, connect=config.connect_timeout_s),
+            )
+            stack.push_async_callback(cmp.aclose)
+            jwks = Jwks(config.jwks_url, cmp, config.jwks_refetch_interval_s)
+            verifier = KeyVerifier(jwks, issuer=config.issuer, cache_size=config.key_cache_size)
+            registry = RegistryCache(
+                redis, cmp, config.cmp_token, timeout=config.redis_timeout_s
+            )
+            revoked = RevokedKeys()
+            async def refresh_jwks() -> None:
+                with contextlib.suppress(GatewayError):
+                    await jwks.refresh(force=True)
+                    verifier.forget_kids_except(jwks.kids)
+
+            listener = ChangeListener(redis, registry, revoked, refresh_jwks)
+            limiter = BucketLimiter.from_url(config.redis_url, timeout=config.redis_timeout_s)
+            stack.push_async_callback(limiter.aclose)
+            upstream = UpstreamPool(UpstreamSettings(
+                connect_timeout_s=config.connect_timeout_s,
+                first_byte_timeout_s=config.run_timeout_s,
+                read_timeout_s=config.run_timeout_s,
+            ))
+            stack.push_async_callback(upstream.aclose)
+            usage = UsageEmitter(
+                bootstrap_servers=config.kafka_bootstrap,
+                topic=config.usage_topic,
+                spool_dir=config.spool_dir,
+                instance=config.instance,
+            )
+            await usage.start()
+            stack.push_async_callback(usage.close, config.drain_timeout_s)
+            gatekeeper = Gatekeeper(verifier, revoked, registry, audit, metrics)
+            relay = Relay(upstream, usage, metrics, runtime_token=config.runtime_token)
+            chat.handler = ChatEndpoint(
+                gatekeeper, limiter, relay, metrics,
+                max_body_bytes=config.max_body_bytes,
+                max_message_chars=config.max_message_chars,
+            )
+            agent_config.handler = AgentConfigEndpoint(gatekeeper)
+            preflight.handler = Preflight(registry, audit, metrics)
+            state["services"] = Services(
+                redis, cmp, jwks, verifier, registry, revoked, listener, limiter, upstream,
+                usage, audit,
+            )
+            tasks = [
+                asyncio.create_task(listener.run()),
+                asyncio.create_task(_keep_jwks_fresh(jwks, verifier)),
+                asyncio.create_task(_report_counts(usage, limiter, relay, metrics)),
+            ]
+            with contextlib.suppress(TimeoutError):
+                # Start serving even if a dependency is late: readiness says when all is there.
+                await asyncio.wait_for(listener.ready.wait(), 5)
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        services = state.get("services")
+        checks = {
+            "jwks": services is not None and services.jwks.loaded,
+            "redis": services is not None and services.listener.connected,
+        }
+        ready = all(checks.values())
+        return Response(
+            orjson.dumps({"ready": ready, "checks": checks}),
+            status_code=200 if ready else 503,
+            media_type="application/json",
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/agents/{agent_id}/chat", chat, methods=["POST"]),
+            Route("/v1/agents/{agent_id}/config", agent_config, methods=["GET"]),
+            Route("/v1/agents/{agent_id}/chat", preflight, methods=["OPTIONS"]),
+            Route("/v1/agents/{agent_id}/config", preflight, methods=["OPTIONS"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+        ],
+        lifespan=lifespan,
+    )
+    return Front(app, chat, metrics)
+
+
+async def _keep_jwks_fresh(jwks: Jwks, verifier: KeyVerifier) -> None:
+    """Load the JWKS (retrying until the CMP answers), then refresh it every minute so a
+    retired signing key stops working everywhere."""
+    delay = 0.2
+    while True:
+        try:
+            await jwks.refresh(force=True)
+            verifier.forget_kids_except(jwks.kids)
+            delay = 60.0
+        except GatewayError as exc:
+            log.warning("%s; retrying", exc.message)
+            delay = min(max(delay * 2, 0.2), 5.0) if not jwks.loaded else 5.0
+        await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+
+
+_DELIVERY_STEPS = ("accepted", "sent", "spooled", "replayed", "failed", "dropped")
+
+
+async def _report_counts(
+    usage: UsageEmitter, limiter: BucketLimiter, relay: Relay, metrics: GatewayMetrics
+) -> None:
+    """Copy the emitter's and limiter's plain counters into Prometheus once a second, so the
+    hot path only bumps integers."""
+    reported: dict[str, int] = {}
+
+    def advance(name: str, now: int, counter: Counter) -> None:
+        delta = now - reported.get(name, 0)
+        if delta > 0:
+            counter.inc(delta)
+            reported[name] = now
+
+    while True:
+        metrics.spool_depth.set(usage.spool_depth)
+        metrics.open_streams.set(relay.open_streams)
+        advance("round_trips", limiter.round_trips, metrics.redis_round_trips)
+        advance("checks", limiter.checks, metrics.limiter_checks)
+        for step in _DELIVERY_STEPS:
+            advance(step, getattr(usage.counters, step), metrics.usage_delivery.labels(step))
+        await asyncio.sleep(1.0)
+
+
+def create_app() -> Front:
+    """Factory for ASGI servers: configuration from the environment."""
+    return build_app(GatewayConfig.from_env())

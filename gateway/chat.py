@@ -1,0 +1,152 @@
+"""`POST /v1/agents/{agent_id}/chat`: admit, validate, limit, then relay the runtime's answer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.access import Gatekeeper, RequestHeaders, cors_headers
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.relay import ChatRequest, Relay
+from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers, send_error
+from ratelimit.errors import RateLimitError
+from ratelimit.limiter import BucketLimiter
+
+_MAX_SESSION_ID = 128
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    message: str
+    session_id: str
+
+
+class ChatEndpoint:
+    def __init__(
+        self,
+        gatekeeper: Gatekeeper,
+        limiter: BucketLimiter,
+        relay: Relay,
+        metrics: GatewayMetrics,
+        *,
+        max_body_bytes: int,
+        max_message_chars: int,
+    ) -> None:
+        self._gatekeeper = gatekeeper
+        self._limiter = limiter
+        self._relay = relay
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        self._max_chars = max_message_chars
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one chat; return the HTTP status sent."""
+        request_id: str = scope["state"]["request_id"]
+        headers = RequestHeaders.scan(scope["headers"])
+        extra: Headers = [(b"x-request-id", request_id.encode())]
+        try:
+            access = await self._gatekeeper.admit(
+                headers, scope["path_params"]["agent_id"], request_id
+            )
+            extra += cors_headers(access.origin)
+            body = await self._read_body(headers, receive)
+            chat = self._parse(body)
+            try:
+                decision = await self._limiter.check(
+                    access.key.tenant_id,
+                    access.key.key_id,
+                    access.agent.tenant_limit,
+                    access.agent.key_limit,
+                )
+            except RateLimitError as exc:
+                self._metrics.child(self._metrics.limiter, "error").inc()
+                raise Unavailable(
+                    "the rate limiter is unavailable", headers=[(b"retry-after", b"1")]
+                ) from exc
+            self._metrics.child(self._metrics.limiter, decision.refused_by or "allowed").inc()
+            extra += rate_limit_headers(
+                decision.limit, decision.remaining, decision.reset_seconds
+            )
+            if not decision.allowed:
+                raise RateLimited(
+                    f"too many requests for this {decision.refused_by}; retry in "
+                    f"{decision.retry_after_seconds} s",
+                    headers=[(b"retry-after", str(decision.retry_after_seconds).encode())],
+                )
+        except GatewayError as exc:
+            await send_error(send, exc, request_id, extra)
+            return exc.status
+        streamed = headers.accept is not None and b"text/event-stream" in headers.accept
+        return await self._relay.run(
+            ChatRequest(
+                request_id=request_id,
+                access=access,
+                message=chat.message,
+                session_id=chat.session_id,
+                streamed=streamed,
+                response_headers=extra,
+            ),
+            receive,
+            send,
+        )
+
+    async def _read_body(self, headers: RequestHeaders, receive: Receive) -> bytes:
+        content_type = (headers.content_type or b"").split(b";", 1)[0].strip().lower()
+        if content_type != b"application/json":
+            raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
+        if headers.content_length is not None:
+            try:
+                declared = int(headers.content_length)
+            except ValueError:
+                raise InvalidRequest("Content-Length is not a number") from None
+            if declared > self._max_body:
+                raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise InvalidRequest("the client went away before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _parse(self, body: bytes) -> ChatMessage:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        message = data.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise InvalidRequest("'message' must be a non-empty string")
+        if len(message) > self._max_chars:
+            raise InvalidRequest(f"'message' is longer than {self._max_chars} characters")
+        session_id = data.get("session_id")
+        if session_id is None:
+            session_id = uuid.uuid4().hex
+        elif (
+            not isinstance(session_id, str)
+            or not 0 < len(session_id) <= _MAX_SESSION_ID
+            or not session_id.isprintable()
+        ):
+            raise InvalidRequest(
+                f"'session_id' must be a printable string of 1 to {_MAX_SESSION_ID} characters"
+            )
+        # Anything else the client sends (tenant, flow, collection) is ignored on purpose.
+        return ChatMessage(message, session_id)

@@ -1,0 +1,82 @@
+"""The gateway's configuration: one frozen object, read from the environment at start and
+validated there, so a bad value stops the process with a message naming it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    redis_url: str
+    kafka_bootstrap: str
+    jwks_url: str
+    issuer: str
+    runtime_token: str
+    cmp_url: str
+    cmp_token: str
+    spool_dir: Path
+    instance: str
+    usage_topic: str = "agent-usage"
+    audit_log: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    key_cache_size: int = 100_000
+    jwks_refetch_interval_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    redis_timeout_s: float = 1.0
+    run_timeout_s: float = 120.0
+    drain_timeout_s: float = 10.0
+    max_body_bytes: int = 32 * 1024
+    max_message_chars: int = 8_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
+        required = ("GATEWAY_JWKS_URL", "GATEWAY_RUNTIME_TOKEN", "GATEWAY_CMP_TOKEN")
+        missing = [name for name in required if not env.get(name)]
+        if missing:
+            raise ConfigError(f"missing setting(s): {', '.join(missing)}")
+        jwks_url = env["GATEWAY_JWKS_URL"]
+        audit = env.get("GATEWAY_AUDIT_LOG", "")
+        return cls(
+            redis_url=env.get("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            kafka_bootstrap=env.get("GATEWAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            jwks_url=jwks_url,
+            issuer=env.get("GATEWAY_ISSUER", "sitekit-cmp"),
+            runtime_token=env["GATEWAY_RUNTIME_TOKEN"],
+            cmp_url=env.get("GATEWAY_CMP_URL", jwks_url.split("/.well-known/")[0]),
+            cmp_token=env["GATEWAY_CMP_TOKEN"],
+            spool_dir=Path(env.get("GATEWAY_SPOOL_DIR", ".stack/gateway/spool")),
+            instance=env.get("GATEWAY_INSTANCE", socket.gethostname()),
+            usage_topic=env.get("GATEWAY_USAGE_TOPIC", "agent-usage"),
+            audit_log=Path(audit) if audit else None,
+            host=env.get("GATEWAY_HOST", "127.0.0.1"),
+            port=int(_number(env, "GATEWAY_PORT", 8080, minimum=1)),
+            workers=int(_number(env, "GATEWAY_WORKERS", 2, minimum=1)),
+            key_cache_size=int(_number(env, "GATEWAY_KEY_CACHE_SIZE", 100_000, minimum=1)),
+            run_timeout_s=_number(env, "GATEWAY_RUN_TIMEOUT_S", 120.0, minimum=1),
+            drain_timeout_s=_number(env, "GATEWAY_DRAIN_TIMEOUT_S", 10.0),
+            max_body_bytes=int(_number(env, "GATEWAY_MAX_BODY_BYTES", 32 * 1024, minimum=64)),
+        )

@@ -1,0 +1,303 @@
+"""`make bench`: the gateway's performance budget (DESIGN.md), measured on this machine.
+
+Starts what `loadtest.bench_stack` describes (a minimal real stack, the canned runtime, a relay
+that does no work, and one gateway worker under each ASGI server, all on loopback; the gateways
+and the relay on core 0, this load generator and everything else on core 1), measures each
+server with `loadtest.bench_gateway`, profiles the first one with py-spy, then merges the
+runtime's own benchmark (`loadtest.bench_runtime`). Prints one JSON object on stdout and its
+progress on stderr; about four minutes.
+
+    .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,granian] [--no-runtime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+
+from loadtest import bench_gateway, loadgen
+from loadtest.bench_gateway import Target, Targets
+from loadtest.bench_stack import GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack
+
+PROFILE = ROOT / ".stack" / "bench" / "gateway-profile.txt"  # py-spy's collapsed stacks
+TTFT_DELAY_MS = 20.0
+OVERHEAD_KEYS = tuple(f"{series}_{p}_ms" for series in (
+    "overhead", "overhead_beyond_one_hop", "direct", "relay", "gateway") for p in ("p50", "p99"))
+TARGETS = {"overhead_p50_ms": ("<=", 0.5), "overhead_p99_ms": ("<=", 2.0),
+           "max_rps_per_worker": (">=", 5000), "streams_per_worker": (">=", 10_000),
+           "ttft_overhead_ms": ("<=", 1.0), "runtime_cpu_ms_per_turn": ("<=", 20.0)}
+ROUND_TRIPS_MEASURED_AS = (
+    "the limiter's own count at the max_rps point: delta of gateway_limiter_redis_round_trips_"
+    "total / gateway_limiter_checks_total (one check per request); cross-check: redis_read_"
+    "events_per_request, Redis INFO total_reads_processed per request (every client)")
+OPTIONS: tuple[tuple[str, type, object, str], ...] = (
+    ("--servers", str, "uvicorn,granian", "ASGI servers; the first one is profiled"),
+    ("--rate", float, 2000.0, "open-loop requests/s for the overhead"),
+    ("--low-rate", float, 500.0, "a rate the worker can take, for the overhead without queueing"),
+    ("--seconds", float, 5.0, "per overhead run"),
+    ("--rounds", int, 3, "overhead rounds and max_rps repeats"),
+    ("--streams", int, 10_000, "concurrent SSE streams to open"),
+    ("--connections", str, "16,64,256", "closed-loop concurrencies to try"),
+    ("--rps-seconds", float, 4.0, "per closed-loop run"),
+    ("--profile-seconds", float, 10.0, "py-spy sampling; 0 to skip"),
+    ("--py-spy", str, str(Path(sys.executable).parent / "py-spy"), "the py-spy binary"),
+)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def options() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, kind, default, text in OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
+    parser.add_argument("--no-runtime", action="store_true", help="skip bench_runtime")
+    parser.add_argument("--quick", action="store_true", help="short runs, to try the bench")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.streams, args.rps_seconds = 2.0, 1, 1000, 2.0
+        args.profile_seconds = min(args.profile_seconds, 3.0)
+    return args
+
+
+async def measure(targets: Targets, args: argparse.Namespace, errors: list[str]) -> dict[str, Any]:
+    """Per server: streaming checks, streams, TTFT; then overhead and throughput with the
+    servers taking turns, so that both see the same machine. A phase that fails is reported in
+    `errors` and the others still run."""
+    found: dict[str, dict[str, Any]] = {server: {} for server in targets}
+    for server, t in list(targets.items()):
+        try:
+            await loadgen.closed_loop(t.gateway_port, t.via_gateway("fast"), 32, 2.0)  # warm-up
+            progress(f"{server}: streaming and disconnect check, {args.streams} streams, TTFT")
+            found[server]["checks"] = await bench_gateway.disconnect_check(t)
+            found[server]["streams"] = await bench_gateway.streams(t, count=args.streams,
+                                                                   progress=progress)
+            found[server]["ttft"] = await bench_gateway.ttft(t, rate=100, count=300,
+                                                             delay_ms=TTFT_DELAY_MS)
+        except Exception as exc:  # noqa: BLE001 - the other server may still be measured
+            errors.append(f"{server}: {exc!r}"[:600])
+            del targets[server]
+    try:
+        progress(f"overhead at {args.rate:.0f}/s and {args.low_rate:.0f}/s, then throughput")
+        phases = {
+            "overhead": await bench_gateway.overhead(
+                targets, rate=args.rate, seconds=args.seconds, rounds=args.rounds,
+                progress=progress),
+            "overhead_at_low_rate": await bench_gateway.overhead(
+                targets, rate=args.low_rate, seconds=args.seconds, rounds=1, progress=progress),
+            "max_rps": await bench_gateway.max_rps(
+                targets, connections=tuple(int(c) for c in args.connections.split(",")),
+                seconds=args.rps_seconds, rounds=args.rounds, progress=progress),
+        }
+    except Exception as exc:  # noqa: BLE001 - what was measured so far is still reported
+        errors.append(f"overhead or throughput: {exc!r}"[:600])
+        phases = {}
+    for server, t in targets.items():
+        found[server].update({phase: by_server[server] for phase, by_server in phases.items()})
+        found[server]["usage_metrics"] = {
+            k: v for k, v in bench_gateway.scrape(t.gateway_port).items()
+            if k.startswith(("gateway_usage", "gateway_limiter"))}
+    if targets and args.profile_seconds > 0:
+        server, t = next(iter(targets.items()))
+        progress(f"{server}: profiling the worker under load ({args.profile_seconds:.0f} s)")
+        found[server]["profile"] = await profile(t, args.profile_seconds, args.py_spy)
+    return found
+
+
+async def profile(t: Target, seconds: float, py_spy: str) -> dict[str, Any]:
+    """py-spy samples the worker (without pausing it) while a closed loop keeps it busy."""
+    PROFILE.parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before any load
+    spy = await asyncio.create_subprocess_exec(
+        py_spy, "record", "--pid", str(t.pid), "--duration", str(round(seconds)), "--rate", "250",
+        "--nonblocking", "--format", "raw", "-o", str(PROFILE),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        tally = await loadgen.closed_loop(t.gateway_port, t.via_gateway("fast"), 64, seconds + 1)
+        _, stderr = await asyncio.wait_for(spy.communicate(), 30)
+    finally:
+        if spy.returncode is None:
+            spy.kill()
+            await spy.wait()
+    if spy.returncode != 0:
+        return {"error": f"py-spy failed: {stderr.decode(errors='replace')[-300:]}"}
+    return {"collapsed_stacks": str(PROFILE), "rps_while_sampling": tally.rps(), **top_costs()}
+
+
+def top_costs(count: int = 20) -> dict[str, Any]:
+    """Shares of the samples by function and by module where they were spent (self time)."""
+    functions: Counter[str] = Counter()
+    modules: Counter[str] = Counter()
+    for line in PROFILE.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if ";" not in stack:  # C code or a released GIL: py-spy saw no Python frame
+            functions["(no Python frame)"] += int(samples)
+            modules["(no Python frame)"] += int(samples)
+            continue
+        name, _, where = stack.rsplit(";", 1)[-1].partition(" (")
+        path = where.rsplit(":", 1)[0]
+        for prefix in ("site-packages/", f"{ROOT}/", "lib/python3.11/"):
+            path = path.split(prefix, 1)[-1]
+        functions[f"{name} ({path})" if path else name] += int(samples)
+        modules[path if path.startswith(("gateway/", "ratelimit/")) else path.split("/")[0]] += \
+            int(samples)
+    total = max(functions.total(), 1)
+    return {"samples": functions.total(), **{
+        kind: [f"{100 * n / total:5.1f}%  {name}" for name, n in counter.most_common(count)]
+        for kind, counter in (("self_by_function", functions), ("self_by_module", modules))}}
+
+
+def runtime_bench(errors: list[str]) -> dict[str, Any]:
+    if not (ROOT / "loadtest" / "bench_runtime.py").exists():
+        errors.append("runtime: loadtest/bench_runtime.py is not there yet")
+        return {}
+    progress("runtime: python -m loadtest.bench_runtime")
+    try:
+        done = subprocess.run([sys.executable, "-m", "loadtest.bench_runtime"], cwd=ROOT,
+                              capture_output=True, timeout=300, check=False)
+        found: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
+        return found
+    except subprocess.TimeoutExpired:
+        errors.append("runtime: bench_runtime took longer than 300 s")
+    except (IndexError, orjson.JSONDecodeError):
+        tail = done.stderr.decode(errors="replace")[-400:]
+        errors.append(f"runtime: bench_runtime exited {done.returncode}: {tail}")
+    return {}
+
+
+def server_summary(found: dict[str, Any]) -> dict[str, Any]:
+    overhead, low = found.get("overhead", {}), found.get("overhead_at_low_rate", {})
+    best, streams = found.get("max_rps", {}).get("best", {}), found.get("streams", {})
+    return {
+        **{k: overhead.get(k) for k in OVERHEAD_KEYS},
+        "gateway_answered_per_s": overhead.get("gateway_answered_per_s"),
+        f"at_{low.get('rate_per_s', 0):.0f}_per_s": {k: low.get(k) for k in OVERHEAD_KEYS},
+        "max_rps_per_worker": best.get("rps"), "max_rps_at_connections": best.get("connections"),
+        "max_rps_429s": best.get("statuses", {}).get("429", 0),
+        "max_rps_errors": best.get("errors"),
+        "worker_cpu_us_per_request": best.get("worker_cpu_us_per_request"),
+        "rps_at_full_core": best.get("rps_at_full_core"),
+        "streams_per_worker": streams.get("streams_per_worker"),
+        "kib_per_stream": streams.get("kib_per_stream"),
+        "streams_bounded_by_open_files": streams.get("bounded_by_open_files_limit"),
+        "ttft_overhead_ms": found.get("ttft", {}).get("ttft_overhead_ms"),
+        "redis_round_trips_per_request": best.get("limiter_round_trips_per_check",
+                                                  best.get("redis_reads_per_request")),
+        "redis_read_events_per_request": best.get("redis_reads_per_request"),
+        "redis_calls_per_request": best.get("redis_calls_per_request"),
+        "checks": found.get("checks"),
+    }
+
+
+def phase_errors(server: str, found: dict[str, Any]) -> list[str]:
+    seen = [("max_rps", found.get("max_rps", {}).get("best", {}).get("errors")),
+            *((phase, found.get(phase, {}).get("errors")) for phase in ("streams", "checks")),
+            *((f"overhead round {i + 1}", run[server]["errors"])
+              for i, run in enumerate(found.get("overhead", {}).get("runs", [])))]
+    return [f"{server} {phase}: {errors}" for phase, errors in seen if errors]
+
+
+def notes(found: dict[str, Any], rate: float) -> list[str]:
+    """What the numbers mean, where that is not obvious from them."""
+    said = []
+    answered = found.get("gateway_answered_per_s") or 0
+    if answered and answered < 0.97 * rate:
+        said.append(f"at {rate:.0f}/s the worker answered only {answered}/s: it is saturated, so "
+                    "the overhead at that rate is mostly queueing; see at_*_per_s")
+    if found.get("streams_bounded_by_open_files"):
+        said.append("streams_per_worker was bounded by the worker's RLIMIT_NOFILE (each stream "
+                    "holds two descriptors); raising the hard limit needs CAP_SYS_RESOURCE")
+    return said
+
+
+def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: list[str],
+           args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    name = next(iter(servers), None)
+    main = servers.get(name or "", {})
+    found: dict[str, Any] = server_summary(main) if main else {}
+    found.pop("checks", None)
+    found.update({
+        "redis_round_trips_measured_as": ROUND_TRIPS_MEASURED_AS,
+        "runtime_cpu_ms_per_turn": runtime.get("runtime_cpu_ms_per_turn"),
+        "lfx_baseline_cpu_ms_per_turn": runtime.get("lfx_baseline_cpu_ms_per_turn"),
+        "server": name, "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
+    })
+    found["met"] = {k: None if found.get(k) is None else found[k] <= bound if op == "<="
+                    else found[k] >= bound for k, (op, bound) in TARGETS.items()}
+    found.update({
+        "notes": notes(found, args.rate),
+        "servers": {s: server_summary(r) for s, r in servers.items()},
+        "profile": main.get("profile"), "runtime": runtime or None,
+        "machine": {"cores": os.cpu_count(), "gateway_core": GATEWAY_CORE, "load_core": LOAD_CORE,
+                    "load_avg_at_end": os.getloadavg(), "quick": args.quick,
+                    "other_processes_cpu_share": getattr(args, "others_cpu_share", None),
+                    "open_files_limit": getattr(args, "open_files", None),
+                    "bench_seconds": round(seconds)},
+        "errors": errors, "details": servers,
+    })
+    return found
+
+
+def run(args: argparse.Namespace, errors: list[str]) -> dict[str, dict[str, Any]]:
+    os.sched_setaffinity(0, {LOAD_CORE})  # inherited by Redis, Kafka, the CMP, the runtime
+    root = Path(tempfile.mkdtemp(prefix="sitekit-bench-"))
+    root.chmod(0o755)  # Postgres runs as its own user under root and must reach its folder
+    progress(f"stack in {root}")
+    bench = BenchStack(root, args.servers.split(","), ttft_ms=TTFT_DELAY_MS, progress=progress)
+    args.open_files = bench.open_files
+    try:
+        return uvloop.run(measure(bench.start(), args, errors))
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        errors.append(f"bench: {exc!r}"[:800])
+        return {}
+    finally:
+        bench.close()
+        shutil.rmtree(root, ignore_errors=True)
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def main() -> int:
+    args = options()
+    stdout = os.dup(1)
+    os.dup2(2, 1)  # children and libraries print to stderr; stdout carries the JSON alone
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks run
+    started, machine_before = time.monotonic(), bench_gateway.core_ticks()
+    errors: list[str] = []
+    if args.profile_seconds > 0 and not Path(args.py_spy).exists():
+        errors.append(f"profile: {args.py_spy} not found (.venv/bin/pip install py-spy)")
+        args.profile_seconds = 0
+    try:
+        servers = run(args, errors)
+    except KeyboardInterrupt:  # everything was stopped on the way out
+        progress("bench: interrupted")
+        return 130
+    # CPU the machine spent during the run that was not this bench's (other people's work):
+    # all cores' busy time, less this process's and its (waited-for) children's.
+    ours = sum(os.times()[:4])
+    busy = sum(b - b0 for (b0, _), (b, _) in zip(machine_before, bench_gateway.core_ticks(),
+                                                 strict=True)) / os.sysconf("SC_CLK_TCK")
+    args.others_cpu_share = round(max(busy - ours, 0) / (time.monotonic() - started)
+                                  / (os.cpu_count() or 1), 2)
+    for server, found in servers.items():
+        errors += phase_errors(server, found)
+    runtime = {} if args.no_runtime else runtime_bench(errors)
+    found = report(servers, runtime, errors, args, time.monotonic() - started)
+    os.write(stdout, orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0 if servers else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from runtime.server import main
+
+main()

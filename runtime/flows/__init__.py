@@ -1,0 +1,1 @@
+"""Flows shipped with the runtime, and the scripts that build them."""

@@ -1,0 +1,180 @@
+"""Fixtures for tests through the whole stack: fresh tenants, keys, clients and readers of the
+usage topic and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from cmp.registry import DEFAULT_LIMITS, Limits
+from cmp.signing import SigningKey, active_signing_key
+from devstack.seed import create_tenant_agent
+from devstack.stack import Stack
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    agent_id: str
+    secret_key: str
+    secret_key_id: str
+    publishable_key: str
+    publishable_key_id: str
+    allowed_origin: str
+
+    @property
+    def chat_path(self) -> str:
+        return f"/v1/agents/{self.agent_id}/chat"
+
+
+@pytest.fixture(autouse=True)
+def services_up(stack: Stack) -> None:
+    """A fault test may have stopped a service; the next test gets the whole stack back."""
+    for name in ("redis", "kafka", "runtime"):
+        if not stack.process(name).running:
+            stack.start_process(name)
+
+
+@pytest.fixture
+async def db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(stack.database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def stack_redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(stack.redis_url)
+    yield client
+    await client.aclose()
+
+
+MakeTenant = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture
+def make_tenant(stack: Stack, db: asyncpg.Connection, stack_redis: aioredis.Redis) -> MakeTenant:
+    async def make(limits: Limits = DEFAULT_LIMITS, origin: str | None = None) -> Tenant:
+        made = await create_tenant_agent(
+            db, stack_redis, stack, name="Test shop",
+            origin=origin or f"http://shop-{uuid.uuid4().hex[:8]}.example",
+            limits=limits,
+        )
+        return Tenant(**{k: made[k] for k in Tenant.__dataclass_fields__})
+
+    return make
+
+
+@pytest.fixture
+async def tenant(make_tenant: MakeTenant) -> Tenant:
+    return await make_tenant()
+
+
+@pytest.fixture
+async def gateway(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def signing_key(db: asyncpg.Connection) -> SigningKey:
+    return await active_signing_key(db)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a whole SSE body into (event, data) pairs."""
+    events = []
+    for frame in body.replace("\r\n", "\n").split("\n\n"):
+        name, data = "message", []
+        for line in frame.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip(" "))
+        if data:
+            events.append((name, orjson.loads("\n".join(data))))
+    return events
+
+
+class AuditReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    async def events(self, request_id: str, wait: float = 2.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + wait
+        while True:
+            found = []
+            if self.path.exists():
+                with open(self.path, "rb") as handle:
+                    handle.seek(self.start)
+                    found = [
+                        record for line in handle if line.strip()
+                        if (record := orjson.loads(line))["request_id"] == request_id
+                    ]
+            if found or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def audit(stack: Stack) -> AuditReader:
+    return AuditReader(stack.root / "logs" / "audit.jsonl")
+
+
+class UsageReader:
+    """Reads the usage topic from its beginning and finds events by request id."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+
+    async def collect(
+        self, request_ids: set[str], *, timeout: float = 20.0, settle: float = 0.0
+    ) -> dict[str, list[dict[str, Any]]]:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+            enable_auto_commit=False, group_id=None,
+        )
+        await consumer.start()
+        found: dict[str, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout
+        settled_at: float | None = None
+        try:
+            while time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        if event["id"] in request_ids:
+                            assert record.key == event["data"]["tenant_id"].encode()
+                            found.setdefault(event["id"], []).append(event)
+                if request_ids <= found.keys():
+                    settled_at = settled_at or time.monotonic()
+                    if time.monotonic() - settled_at >= settle:
+                        break
+        finally:
+            await consumer.stop()
+        return found
+
+
+@pytest.fixture
+def usage(stack: Stack) -> UsageReader:
+    return UsageReader(stack.kafka_bootstrap, stack.settings.usage_topic)

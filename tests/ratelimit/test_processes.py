@@ -1,0 +1,72 @@
+"""Exactness across processes: several workers hit the same buckets at the same moment."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ratelimit import BucketLimit
+from tests.ratelimit.conftest import STILL, WIDE
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = 4
+CHECKS_PER_WORKER = 300
+
+
+async def run_workers(
+    redis_url: str, tenant: BucketLimit, key: BucketLimit, keys: int
+) -> list[tuple[int, float, float]]:
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.ratelimit.admit_worker",
+            redis_url, str(CHECKS_PER_WORKER),
+            str(tenant.rate), str(tenant.burst), str(key.rate), str(key.burst), str(keys),
+            cwd=REPO,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(WORKERS)
+    ]  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            for worker in workers:
+                assert worker.stdout is not None
+                assert (await worker.stdout.readline()).strip() == b"ready"
+            # Every worker is connected and has the script: start them all at one moment.
+            start = f"{time.time() + 0.2}\n".encode()
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.write(start)
+                await worker.stdin.drain()
+            outputs = [await worker.communicate() for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    assert [worker.returncode for worker in workers] == [0] * WORKERS
+    reports = [stdout.splitlines()[-1].split() for stdout, _ in outputs]
+    return [
+        (int(allowed), float(started), float(finished)) for allowed, started, finished in reports
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tenant", "key", "keys"),
+    [
+        pytest.param(WIDE, BucketLimit(rate=STILL, burst=173), 1, id="one-key-bucket"),
+        pytest.param(BucketLimit(rate=STILL, burst=159), WIDE, 7, id="one-tenant-many-keys"),
+    ],
+)
+async def test_processes_together_admit_exactly_the_capacity(
+    redis_url: str, tenant: BucketLimit, key: BucketLimit, keys: int
+) -> None:
+    reports = await run_workers(redis_url, tenant, key, keys)
+    assert sum(allowed for allowed, _, _ in reports) == min(tenant.burst, key.burst)
+    # The workers really raced: all were checking at one time, and more than one got tokens.
+    assert max(started for _, started, _ in reports) < min(finished for _, _, finished in reports)
+    assert sum(1 for allowed, _, _ in reports if allowed > 0) >= 2

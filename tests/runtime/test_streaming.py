@@ -1,0 +1,148 @@
+"""Runs of the demo flow through the real runtime and the mock LLM: tokens, end, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from tests.runtime.conftest import RUN_TIMEOUT_S, stream_events
+
+
+def split(events: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[tuple[str, Any]]]:
+    tokens = [data["text"] for name, data in events if name == "token"]
+    others = [(name, data) for name, data in events if name != "token"]
+    return tokens, others
+
+
+async def wait_for_stats(
+    mock_client: httpx.AsyncClient, predicate: Any, timeout: float = 5.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = (await mock_client.get("/_stats")).json()
+        if predicate(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+async def test_tokens_stream_in_order_then_end(runtime: httpx.AsyncClient, deployed: str) -> None:
+    question = "#tokens=9 where is my parcel"
+    events = await stream_events(runtime, deployed, question, session_id="s-42")
+    tokens, others = split(events)
+    assert len(tokens) == 9
+    assert [name for name, _ in events[:-1]] == ["token"] * 9
+    assert others[0][0] == "end" and len(others) == 1
+    end = others[0][1]
+    assert end["text"] == "".join(tokens)
+    assert end["text"].startswith("You asked about")
+    assert end["session_id"] == "s-42"
+    assert end["usage"]["output_tokens"] == 9
+    # The mock counts prompt words: the demo template's words plus the question's.
+    assert end["usage"]["input_tokens"] > 4
+
+
+async def test_a_session_id_is_made_when_none_is_given(
+    runtime: httpx.AsyncClient, deployed: str
+) -> None:
+    body = {"input_value": "#tokens=2 hi"}
+    async with aconnect_sse(runtime, "POST", f"/flows/{deployed}/stream", json=body) as source:
+        events = [(e.event, e.json()) async for e in source.aiter_sse()]
+    assert events[-1][0] == "end"
+    assert len(events[-1][1]["session_id"]) >= 16
+
+
+async def test_twenty_runs_in_flight(runtime: httpx.AsyncClient, deployed: str) -> None:
+    questions = [f"#tokens=12 question {i}" for i in range(20)]
+    results = await asyncio.gather(*(stream_events(runtime, deployed, q) for q in questions))
+    for i, events in enumerate(results):
+        tokens, others = split(events)
+        assert len(tokens) == 12
+        assert others[-1][0] == "end"
+        assert others[-1][1]["text"] == "".join(tokens)
+        assert f"question {i}" in others[-1][1]["text"]
+
+
+async def test_llm_failure_mid_run_is_an_error_event(
+    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient
+) -> None:
+    before = (await mock_client.get("/_stats")).json()
+    events = await stream_events(runtime, deployed, "#fail #tokens=10 please")
+    tokens, others = split(events)
+    assert len(tokens) == 3  # the mock drops the connection after three tokens
+    assert [name for name, _ in others] == ["error"]
+    assert others[0][1]["code"] == "runtime_error"
+    assert others[0][1]["message"]
+    after = (await mock_client.get("/_stats")).json()
+    assert after["streams_failed"] == before["streams_failed"] + 1
+    # The worker is still healthy and serves the next run.
+    tokens, others = split(await stream_events(runtime, deployed, "#tokens=4 again"))
+    assert len(tokens) == 4 and others[-1][0] == "end"
+
+
+async def test_a_run_past_its_deadline_is_a_timeout_and_stops_the_llm(
+    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient
+) -> None:
+    before = (await mock_client.get("/_stats")).json()
+    started = time.monotonic()
+    events = await stream_events(runtime, deployed, "#slow #tokens=40 take your time")
+    elapsed = time.monotonic() - started
+    tokens, others = split(events)
+    assert [name for name, _ in others] == ["error"]
+    assert others[0][1]["code"] == "runtime_timeout"
+    assert 0 < len(tokens) < 40
+    assert RUN_TIMEOUT_S <= elapsed < RUN_TIMEOUT_S + 3
+    stats = await wait_for_stats(
+        mock_client, lambda s: s["streams_cancelled"] > before["streams_cancelled"]
+    )
+    assert stats["streams_cancelled"] == before["streams_cancelled"] + 1
+
+
+async def test_client_disconnect_cancels_the_run(
+    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient
+) -> None:
+    before = (await mock_client.get("/_stats")).json()
+    marker = uuid.uuid4().hex
+    body = {"input_value": f"#slow #tokens=40 {marker}", "session_id": "s", "variables": {}}
+    async with aconnect_sse(runtime, "POST", f"/flows/{deployed}/stream", json=body) as source:
+        async for event in source.aiter_sse():
+            assert event.event == "token"
+            break  # leaving the block closes the connection mid-answer
+    stats = await wait_for_stats(
+        mock_client, lambda s: s["streams_cancelled"] > before["streams_cancelled"]
+    )
+    assert stats["streams_cancelled"] == before["streams_cancelled"] + 1
+    assert any(marker in message for message in stats["last_user_messages"])
+    assert stats["streams_completed"] == before["streams_completed"]
+
+
+async def test_request_variables_reach_the_components(
+    runtime: httpx.AsyncClient, variables_flow: dict[str, Any], mock_client: httpx.AsyncClient
+) -> None:
+    flow_id = f"vars-{uuid.uuid4().hex[:8]}"
+    response = await runtime.put(f"/flows/{flow_id}", json={"version": 1, "flow": variables_flow})
+    assert response.status_code == 200, response.text
+    try:
+        tenant, collection = f"t{uuid.uuid4().hex[:8]}", f"c{uuid.uuid4().hex[:8]}"
+        variables = {"tenant_id": tenant, "agent_id": "a1", "collection": collection,
+                     "request_id": "r1"}
+        events = await stream_events(runtime, flow_id, "#tokens=3 hello", variables=variables)
+        assert events[-1][0] == "end"
+        stats = (await mock_client.get("/_stats")).json()
+        prompt = stats["last_user_messages"][-1]
+        assert prompt == f"Tenant {tenant} in {collection} asks: #tokens=3 hello"
+        # A concurrent run with other variables sees only its own.
+        other = {"tenant_id": "tenantB", "collection": "collB"}
+        both = await asyncio.gather(
+            stream_events(runtime, flow_id, "#tokens=12 first", variables=variables),
+            stream_events(runtime, flow_id, "#tokens=12 second", variables=other),
+        )
+        assert tenant in both[0][-1][1]["text"] or collection in both[0][-1][1]["text"]
+        assert "collB" in both[1][-1][1]["text"]
+        assert tenant not in both[1][-1][1]["text"]
+    finally:
+        await runtime.delete(f"/flows/{flow_id}")
