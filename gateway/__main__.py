@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def main() -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    _raise_open_files_limit()
     import uvicorn  # after the metrics directory is set: prometheus_client reads it at import
 
     uvicorn.run(
@@ -37,8 +39,20 @@ def main() -> int:
         access_log=False,
         timeout_graceful_shutdown=int(config.drain_timeout_s),
         backlog=4096,
+        # The gateway speaks to clients directly or behind a load balancer that terminates
+        # them; it reads no forwarded-for headers, so the middleware would be pure cost.
+        proxy_headers=False,
+        server_header=False,
     )
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Each open stream holds two sockets (client and runtime): take all the descriptors the
+    hard limit allows rather than the usual soft 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if __name__ == "__main__":
