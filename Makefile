@@ -8,15 +8,15 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
-	@echo "Installing Python dependencies into $(VENV) (first run: a few minutes) ..."
+	@echo "Installing Python dependencies into $(VENV) (first run: a few minutes) ..." >&2
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -U pip
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -q --disable-pip-version-check -U pip >&2
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' >&2
 	@rm -f $(VENV)/.installed-* && touch $@
 
 system-deps:
 	@command -v redis-server >/dev/null || { \
-	  echo "Installing redis-server (Debian package) ..."; \
+	  echo "Installing redis-server (Debian package) ..." >&2; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
