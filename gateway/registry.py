@@ -65,9 +65,11 @@ def _bucket(raw: dict[str, Any]) -> BucketLimit:
 
 class RegistryCache:
     def __init__(
-        self, redis: aioredis.Redis, cmp: httpx.AsyncClient, cmp_token: str, *, timeout: float
+        self, redis: aioredis.Redis, cmp: httpx.AsyncClient, cmp_token: str, *, timeout: float,
+        max_entries: int = 100_000,
     ) -> None:
         self._redis = redis
+        self._max_entries = max_entries
         self._cmp = cmp
         self._cmp_headers = {"authorization": f"Bearer {cmp_token}"}
         self._timeout = timeout
@@ -100,6 +102,10 @@ class RegistryCache:
         finally:
             del self._inflight[agent_id]
         if generation == self._generation:
+            if len(self._entries) >= self._max_entries:
+                # Any key holder can ask for made-up agent ids: memory stays bounded by
+                # dropping the oldest entry (dicts keep insertion order).
+                del self._entries[next(iter(self._entries))]
             self._entries[agent_id] = entry
         future.set_result(entry)
         return entry
