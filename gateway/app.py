@@ -40,20 +40,11 @@ log = logging.getLogger("sitekit.gateway")
 
 
 @dataclass(slots=True)
-class Services:
-    """Everything the lifespan builds; endpoints hold references to the parts they use."""
+class Readiness:
+    """What /readyz looks at: the signing keys are loaded and the change feed is live."""
 
-    redis: aioredis.Redis
-    cmp: httpx.AsyncClient
     jwks: Jwks
-    verifier: KeyVerifier
-    registry: RegistryCache
-    revoked: RevokedKeys
     listener: ChangeListener
-    limiter: BucketLimiter
-    upstream: UpstreamPool
-    usage: UsageEmitter
-    audit: AuditLog
 
 
 class Deferred:
@@ -69,7 +60,7 @@ class Deferred:
 def build_app(config: GatewayConfig) -> Front:
     metrics = GatewayMetrics()
     chat, agent_config, preflight = Deferred(), Deferred(), Deferred()
-    state: dict[str, Services] = {}
+    state: dict[str, Readiness] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -125,10 +116,7 @@ def build_app(config: GatewayConfig) -> Front:
             )
             agent_config.handler = AgentConfigEndpoint(gatekeeper)
             preflight.handler = Preflight(registry, audit, metrics)
-            state["services"] = Services(
-                redis, cmp, jwks, verifier, registry, revoked, listener, limiter, upstream,
-                usage, audit,
-            )
+            state["readiness"] = Readiness(jwks, listener)
             tasks = [
                 asyncio.create_task(listener.run()),
                 asyncio.create_task(_keep_jwks_fresh(jwks, verifier)),
@@ -148,10 +136,10 @@ def build_app(config: GatewayConfig) -> Front:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     async def readyz(request: Request) -> Response:
-        services = state.get("services")
+        readiness = state.get("readiness")
         checks = {
-            "jwks": services is not None and services.jwks.loaded,
-            "redis": services is not None and services.listener.connected,
+            "jwks": readiness is not None and readiness.jwks.loaded,
+            "redis": readiness is not None and readiness.listener.connected,
         }
         ready = all(checks.values())
         return Response(
