@@ -107,3 +107,27 @@ async def test_runtime_down_before_the_request_is_503(
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert response.headers["retry-after"]
+
+
+async def test_kill_9_of_the_gateway_loses_no_usage_event(
+    stack: Stack, tenant: Tenant, usage: UsageReader
+) -> None:
+    """Events of answered requests sit in the gateway's spool while Kafka is down; after a
+    kill -9 of every gateway process, the restarted gateway delivers them."""
+    stack.process("kafka").stop()
+    completed = []
+    try:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+            for i in range(10):
+                response = await chat(client, tenant, f"before the crash {i}")
+                assert response.status_code == 200, response.text
+                completed.append(response.json()["request_id"])
+        await asyncio.sleep(0.2)  # past the spool's write window (a few ms)
+        stack.process("gateway").kill()
+    finally:
+        stack.start_process("kafka")
+        if not stack.process("gateway").running:
+            stack.start_process("gateway")
+    found = await usage.collect(set(completed), timeout=60)
+    missing = [i for i, rid in enumerate(completed) if rid not in found]
+    assert not missing, f"requests {missing} lost their usage event"
