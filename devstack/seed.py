@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import orjson
 import redis.asyncio as aioredis
 
@@ -16,6 +15,7 @@ from cmp.apikeys import issue_key
 from cmp.errors import NotFound
 from cmp.registry import AgentInstance, load_instance, publish_entry, save_instance
 from devstack.stack import Stack
+from runtime.client import RuntimeClient
 
 DEMO_FLOW = Path(__file__).resolve().parent.parent / "runtime" / "flows" / "demo.json"
 DEMO_FLOW_ID = "demo-assistant"
@@ -26,16 +26,8 @@ DEMO_TENANTS = (
 
 
 async def deploy_flow(runtime_url: str, token: str, flow_id: str, flow: Any, version: int) -> None:
-    async with httpx.AsyncClient(base_url=runtime_url, timeout=60) as client:
-        response = await client.put(
-            f"/flows/{flow_id}",
-            headers={"authorization": f"Bearer {token}"},
-            json={"version": version, "flow": flow},
-        )
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"deploying {flow_id} failed: {response.status_code} {response.text}"
-            )
+    async with RuntimeClient(runtime_url, token) as runtime:
+        await runtime.deploy(flow_id, version, flow)
 
 
 async def create_tenant_agent(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gateway.audit import AuditLog
 from gateway.changes import RevokedKeys
-from gateway.errors import Forbidden, GatewayError, InvalidKey
+from gateway.errors import Forbidden, InvalidKey
 from gateway.keys import KeyClaims, KeyVerifier
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryCache, RegistryEntry
@@ -139,5 +139,3 @@ def cors_headers(origin: str | None) -> list[tuple[bytes, bytes]]:
 
 
 _EXPOSED = b"X-Request-Id, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After"
-
-__all__ = ["Access", "Gatekeeper", "GatewayError", "RequestHeaders", "cors_headers"]

@@ -153,7 +153,6 @@ def build_app(config: GatewayConfig) -> Front:
 
     app = Starlette(
         routes=[
-            Route("/v1/agents/{agent_id}/chat", chat, methods=["POST"]),
             Route("/v1/agents/{agent_id}/config", agent_config, methods=["GET"]),
             Route("/v1/agents/{agent_id}/chat", preflight, methods=["OPTIONS"]),
             Route("/v1/agents/{agent_id}/config", preflight, methods=["OPTIONS"]),

@@ -14,7 +14,10 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0,
+    maximum: float = float("inf"),
+) -> float:
     raw = env.get(name, "")
     if raw == "":
         return default
@@ -23,7 +26,9 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
 
 
@@ -73,7 +78,7 @@ class GatewayConfig:
             usage_topic=env.get("GATEWAY_USAGE_TOPIC", "agent-usage"),
             audit_log=Path(audit) if audit else None,
             host=env.get("GATEWAY_HOST", "127.0.0.1"),
-            port=int(_number(env, "GATEWAY_PORT", 8080, minimum=1)),
+            port=int(_number(env, "GATEWAY_PORT", 8080, minimum=1, maximum=65535)),
             workers=int(_number(env, "GATEWAY_WORKERS", 2, minimum=1)),
             key_cache_size=int(_number(env, "GATEWAY_KEY_CACHE_SIZE", 100_000, minimum=1)),
             run_timeout_s=_number(env, "GATEWAY_RUN_TIMEOUT_S", 120.0, minimum=1),

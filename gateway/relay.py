@@ -301,23 +301,22 @@ async def _fail(chat: ChatRequest, send: Send, watch: DisconnectWatch, exc: Gate
     return exc.status
 
 
-def _runtime_failure(data: bytes) -> GatewayError:
+def _upstream_error(data: bytes) -> tuple[str, str]:
+    """The code and message of the runtime's `error` event."""
     try:
         upstream = orjson.loads(data)
-        message = str(upstream.get("message") or "the run failed")
-        timed_out = upstream.get("code") == "runtime_timeout"
-    except (orjson.JSONDecodeError, AttributeError):
-        message, timed_out = "the run failed", False
-    return RuntimeTimeout(message) if timed_out else RuntimeFailure(message)
+        return str(upstream["code"]), str(upstream["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "runtime_error", "the agent runtime failed"
+
+
+def _runtime_failure(data: bytes) -> GatewayError:
+    code, message = _upstream_error(data)
+    return RuntimeTimeout(message) if code == "runtime_timeout" else RuntimeFailure(message)
 
 
 def _error(chat: ChatRequest, data: bytes) -> bytes:
-    try:
-        upstream = orjson.loads(data)
-        code, message = str(upstream["code"]), str(upstream["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        code, message = "runtime_error", "the agent runtime failed"
-    return _error_body(chat, code, message)
+    return _error_body(chat, *_upstream_error(data))
 
 
 def _error_body(chat: ChatRequest, code: str, message: str) -> bytes:
