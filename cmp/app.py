@@ -26,6 +26,7 @@ from cmp.apikeys import sync_revocations
 from cmp.config import CmpConfig
 from cmp.errors import CmpError, NotFound
 from cmp.migrate import migrate
+from cmp.provisioning import Provisioner
 from cmp.registry import load_instance, republish_all
 from cmp.signing import active_signing_key, jwks
 
@@ -77,13 +78,20 @@ def build_app(config: CmpConfig) -> Starlette:
             await active_signing_key(conn)
         app.state.pool = pool
         app.state.redis = redis
-        app.state.services = Services(config=config, pool=pool, redis=redis)
-        reconciler = asyncio.create_task(_keep_redis_in_sync(pool, redis))
+        provisioner = Provisioner(config, pool, redis)
+        app.state.services = Services(
+            config=config, pool=pool, redis=redis, provisioner=provisioner
+        )
+        tasks = [
+            asyncio.create_task(_keep_redis_in_sync(pool, redis)),
+            asyncio.create_task(provisioner.run()),
+        ]
         try:
             yield
         finally:
-            reconciler.cancel()
-            await asyncio.gather(reconciler, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await redis.aclose()
             await pool.close()
 

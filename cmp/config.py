@@ -45,6 +45,7 @@ class CmpConfig:
     # Provisioning: attempts before a config is marked failed, and the first retry delay.
     provision_attempts: int = 8
     provision_backoff_s: float = 0.5
+    provision_max_backoff_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> CmpConfig:

@@ -18,10 +18,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cmp.api.pages import Page, PageRequest
+from cmp.api.webhook_signature import verify_webhook
 from cmp.config import CmpConfig
 from cmp.errors import CmpError, InvalidInput, NotFound, TooLarge, Unavailable
 from cmp.identity import Caller, authenticate
 from cmp.ids import parse_id
+from cmp.provisioning import Provisioner
 
 Auth = Literal["user", "public", "service", "webhook"]
 
@@ -33,6 +35,7 @@ class Services:
     config: CmpConfig
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    provisioner: Provisioner
 
 
 @dataclass
@@ -152,11 +155,9 @@ class MalformedBody(CmpError):
     code = "invalid_json"
 
 
-async def _parse_body(op: Operation, call: Call, limit: int) -> None:
+def _parse_body(op: Operation, call: Call) -> None:
     media_type = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw = await _read_body(call.request, limit)
     if op.raw_media_types and media_type in op.raw_media_types:
-        call.raw_body = raw
         return
     if op.body is None:
         return
@@ -164,7 +165,7 @@ async def _parse_body(op: Operation, call: Call, limit: int) -> None:
         accepted = ", ".join(("application/json", *op.raw_media_types))
         raise UnsupportedMediaType(f"send the body as {accepted}")
     try:
-        parsed = orjson.loads(raw)
+        parsed = orjson.loads(call.raw_body)
     except orjson.JSONDecodeError as exc:
         raise MalformedBody(f"the body is not valid JSON: {exc}") from None
     try:
@@ -175,15 +176,20 @@ async def _parse_body(op: Operation, call: Call, limit: int) -> None:
 
 def _parse_query(op: Operation, call: Call) -> None:
     params = call.request.query_params
+    problems: dict[str, str] = {}
     if op.paged:
-        call.page = PageRequest.parse(params.get("limit"), params.get("cursor"), op.cursor)
+        try:
+            call.page = PageRequest.parse(params.get("limit"), params.get("cursor"), op.cursor)
+        except InvalidInput as exc:
+            problems.update(exc.fields or {})
     if op.query is not None:
         wanted = {k: v for k, v in params.items() if k not in ("limit", "cursor")}
         try:
             call.query = op.query.model_validate(wanted)
         except ValidationError as exc:
-            raise InvalidInput("some query parameters are invalid",
-                               fields=_field_errors(exc)) from None
+            problems.update(_field_errors(exc))
+    if problems:
+        raise InvalidInput("some query parameters are invalid", fields=problems)
 
 
 def _render(op: Operation, reply: Any) -> Response:
@@ -206,9 +212,12 @@ def route(op: Operation, services_of: Callable[[Request], Services]) -> Route:
                 if op.auth == "user":
                     caller = await authenticate(conn, request.headers.get("authorization"))
                 call = Call(request, services, conn, caller)
-                _parse_query(op, call)
                 if op.method in ("POST", "PUT", "PATCH"):
-                    await _parse_body(op, call, services.config.max_body_bytes)
+                    call.raw_body = await _read_body(request, services.config.max_body_bytes)
+                if op.auth == "webhook":
+                    verify_webhook(request, call.raw_body, services.config.webhook_secret)
+                _parse_query(op, call)
+                _parse_body(op, call)
                 reply = await op.handler(call)
         except CmpError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

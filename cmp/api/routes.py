@@ -3,10 +3,14 @@ module adds its list here."""
 
 from __future__ import annotations
 
-from cmp.api import audit, identity
+from cmp.api import agent_configs, agent_keys, audit, identity, orders, usage
 from cmp.api.operation import Operation
 
 OPERATIONS: list[Operation] = [
     *identity.OPERATIONS,
+    *orders.OPERATIONS,
+    *agent_configs.OPERATIONS,
+    *agent_keys.OPERATIONS,
+    *usage.OPERATIONS,
     *audit.OPERATIONS,
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import httpx
@@ -19,12 +20,36 @@ SERVICE_TOKEN = "test-service-token"
 WEBHOOK_SECRET = "test-webhook-secret"
 
 
+@dataclass(frozen=True)
+class RuntimeTarget:
+    url: str
+    token: str
+
+
 @pytest.fixture
-def cmp_config(database_url: str, redis_url: str) -> CmpConfig:
-    return CmpConfig(
-        database_url=database_url, redis_url=redis_url, issuer="sitekit-test",
-        service_token=SERVICE_TOKEN, webhook_secret=WEBHOOK_SECRET, provision_backoff_s=0.05,
-    )
+def runtime_target() -> RuntimeTarget:
+    """Where provisioning deploys. Nothing listens here; tests that provision override this
+    fixture with the session stack's runtime."""
+    return RuntimeTarget("http://127.0.0.1:9", "no-runtime")
+
+
+@pytest.fixture
+def cmp_overrides() -> dict[str, Any]:
+    """Settings a test changes: `@pytest.mark.parametrize("cmp_overrides", [{...}])`."""
+    return {}
+
+
+@pytest.fixture
+def cmp_config(
+    database_url: str, redis_url: str, runtime_target: RuntimeTarget, cmp_overrides: dict[str, Any]
+) -> CmpConfig:
+    settings: dict[str, Any] = {
+        "database_url": database_url, "redis_url": redis_url, "issuer": "sitekit-test",
+        "service_token": SERVICE_TOKEN, "webhook_secret": WEBHOOK_SECRET,
+        "provision_backoff_s": 0.05, "runtime_url": runtime_target.url,
+        "runtime_token": runtime_target.token,
+    }
+    return CmpConfig(**{**settings, **cmp_overrides})
 
 
 @pytest.fixture
@@ -90,3 +115,36 @@ async def make_user(
     for client in clients:
         await client.aclose()
     await conn.close()
+
+
+@dataclass
+class PublishedAgent:
+    provider: User
+    provider_agent_id: uuid.UUID
+
+
+@pytest.fixture
+async def published_agent(make_user: MakeUser, cmp_config: CmpConfig) -> PublishedAgent:
+    """A seller with the demo flow published as version 1 (written directly: the seller's own
+    endpoints are tested in test_provider_agents)."""
+    from cmp.ids import uuid7
+    from devstack.seed import DEMO_FLOW
+
+    provider = await make_user("provider")
+    agent_id = uuid7()
+    conn = await asyncpg.connect(cmp_config.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO provider_agents (provider_agent_id, org_id, name, description,"
+            " published, price, limits) VALUES ($1, $2, 'Demo helper', 'Answers questions',"
+            " true, $3, $4)", agent_id, provider.org_id,
+            '{"amount": 1900, "currency": "EUR"}',
+            '{"tenant": {"rate": 50, "burst": 100}, "key": {"rate": 10, "burst": 20}}',
+        )
+        await conn.execute(
+            "INSERT INTO provider_agent_versions (provider_agent_id, version, flow)"
+            " VALUES ($1, 1, $2)", agent_id, DEMO_FLOW.read_text(),
+        )
+    finally:
+        await conn.close()
+    return PublishedAgent(provider, agent_id)

@@ -1,0 +1,104 @@
+"""`/api/usage/...`: requests and tokens per agent per day, newest day first. Buyers see their
+instances; sellers see their agents, summed over every buyer's instance. Both read the
+`usage_daily` rollup the usage table keeps by trigger, so a view costs a few rows per day."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from pydantic import BaseModel, Field
+
+from cmp.api.fields import Query
+from cmp.api.operation import Call, Operation
+from cmp.api.pages import Page
+
+
+class Totals(BaseModel):
+    day: dt.date
+    requests: int
+    completed: int
+    failed: int
+    cancelled: int
+    input_tokens: int
+    output_tokens: int
+
+
+class InstanceUsage(Totals):
+    agent_id: uuid.UUID
+
+
+class AgentUsage(Totals):
+    provider_agent_id: uuid.UUID
+    instances: int = Field(description="buyer instances with usage that day")
+
+
+class InstanceFilter(Query):
+    org_id: uuid.UUID | None = None
+    agent_id: uuid.UUID | None = None
+    since: dt.date | None = Field(default=None, description="first day, inclusive (UTC)")
+    until: dt.date | None = Field(default=None, description="last day, inclusive (UTC)")
+
+
+class AgentFilter(Query):
+    org_id: uuid.UUID | None = None
+    provider_agent_id: uuid.UUID | None = None
+    since: dt.date | None = None
+    until: dt.date | None = None
+
+
+_CURSOR = (dt.date.fromisoformat, uuid.UUID)
+
+
+async def instance_usage(call: Call) -> Page[InstanceUsage]:
+    page, wanted = call.page, call.query
+    assert page is not None and isinstance(wanted, InstanceFilter)
+    after = page.after or [None, None]
+    rows = await call.conn.fetch(
+        "SELECT agent_id, day, requests, completed, failed, cancelled, input_tokens,"
+        " output_tokens FROM usage_daily WHERE tenant_id = ANY($1)"
+        " AND ($2::uuid IS NULL OR tenant_id = $2) AND ($3::uuid IS NULL OR agent_id = $3)"
+        " AND ($4::date IS NULL OR day >= $4) AND ($5::date IS NULL OR day <= $5)"
+        " AND ($6::date IS NULL OR (day, agent_id) < ($6, $7::uuid))"
+        " ORDER BY day DESC, agent_id DESC LIMIT $8",
+        call.caller.org_ids(), wanted.org_id, wanted.agent_id, wanted.since, wanted.until,
+        after[0], after[1], page.limit + 1,
+    )
+    return page.page([InstanceUsage(**dict(r)) for r in rows],
+                     lambda u: [u.day.isoformat(), u.agent_id])
+
+
+async def agent_usage(call: Call) -> Page[AgentUsage]:
+    page, wanted = call.page, call.query
+    assert page is not None and isinstance(wanted, AgentFilter)
+    after = page.after or [None, None]
+    rows = await call.conn.fetch(
+        "SELECT c.provider_agent_id, u.day, sum(u.requests)::bigint AS requests,"
+        " sum(u.completed)::bigint AS completed, sum(u.failed)::bigint AS failed,"
+        " sum(u.cancelled)::bigint AS cancelled, sum(u.input_tokens)::bigint AS input_tokens,"
+        " sum(u.output_tokens)::bigint AS output_tokens, count(*)::int AS instances"
+        " FROM provider_agents p"
+        " JOIN customer_agent_configs c ON c.provider_agent_id = p.provider_agent_id"
+        " JOIN usage_daily u ON u.agent_id = c.agent_id"
+        " WHERE p.org_id = ANY($1) AND ($2::uuid IS NULL OR p.org_id = $2)"
+        " AND ($3::uuid IS NULL OR p.provider_agent_id = $3)"
+        " AND ($4::date IS NULL OR u.day >= $4) AND ($5::date IS NULL OR u.day <= $5)"
+        " AND ($6::date IS NULL OR (u.day, c.provider_agent_id) < ($6, $7::uuid))"
+        " GROUP BY u.day, c.provider_agent_id"
+        " ORDER BY u.day DESC, c.provider_agent_id DESC LIMIT $8",
+        call.caller.org_ids(), wanted.org_id, wanted.provider_agent_id, wanted.since,
+        wanted.until, after[0], after[1], page.limit + 1,
+    )
+    return page.page([AgentUsage(**dict(r)) for r in rows],
+                     lambda u: [u.day.isoformat(), u.provider_agent_id])
+
+
+OPERATIONS = [
+    Operation("GET", "/api/usage/agent-instances",
+              "Buyer: usage per agent instance per day, newest first", instance_usage, "usage",
+              query=InstanceFilter, response=InstanceUsage, paged=True, cursor=_CURSOR),
+    Operation("GET", "/api/usage/provider-agents",
+              "Seller: usage per agent per day across every buyer's instance, newest first",
+              agent_usage, "usage", query=AgentFilter, response=AgentUsage, paged=True,
+              cursor=_CURSOR),
+]
