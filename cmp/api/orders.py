@@ -169,7 +169,7 @@ async def order_approved(call: Call) -> WebhookResult:
 OPERATIONS = [
     Operation("POST", "/api/orders", "Order a published agent for a customer organisation",
               create_order, "orders", body=NewOrder, response=Order, status=201,
-              errors=(403,)),
+              errors=(403, 404)),
     Operation("GET", "/api/orders", "Your organisations' orders", list_orders, "orders",
               query=OrderFilter, response=Order, paged=True),
     Operation("GET", "/api/orders/{order_id}", "One order", get_order, "orders",
@@ -177,5 +177,5 @@ OPERATIONS = [
     Operation("POST", "/api/webhooks/order-approved",
               "The marketplace's order-approved webhook (SiteKit-Signature: t=..,v1=HMAC)",
               order_approved, "orders", body=OrderApproved, response=WebhookResult,
-              auth="webhook", errors=(409,)),
+              auth="webhook", errors=(404, 409)),
 ]
