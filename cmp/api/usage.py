@@ -30,7 +30,7 @@ class InstanceUsage(Totals):
 
 class AgentUsage(Totals):
     provider_agent_id: uuid.UUID
-    instances: int = Field(description="buyer instances with usage that day")
+    instances: int = Field(description="buyers' instances with usage that day")
 
 
 class InstanceFilter(Query):
@@ -73,19 +73,13 @@ async def agent_usage(call: Call) -> Page[AgentUsage]:
     assert page is not None and isinstance(wanted, AgentFilter)
     after = page.after or [None, None]
     rows = await call.conn.fetch(
-        "SELECT c.provider_agent_id, u.day, sum(u.requests)::bigint AS requests,"
-        " sum(u.completed)::bigint AS completed, sum(u.failed)::bigint AS failed,"
-        " sum(u.cancelled)::bigint AS cancelled, sum(u.input_tokens)::bigint AS input_tokens,"
-        " sum(u.output_tokens)::bigint AS output_tokens, count(*)::int AS instances"
-        " FROM provider_agents p"
-        " JOIN customer_agent_configs c ON c.provider_agent_id = p.provider_agent_id"
-        " JOIN usage_daily u ON u.agent_id = c.agent_id"
-        " WHERE p.org_id = ANY($1) AND ($2::uuid IS NULL OR p.org_id = $2)"
-        " AND ($3::uuid IS NULL OR p.provider_agent_id = $3)"
-        " AND ($4::date IS NULL OR u.day >= $4) AND ($5::date IS NULL OR u.day <= $5)"
-        " AND ($6::date IS NULL OR (u.day, c.provider_agent_id) < ($6, $7::uuid))"
-        " GROUP BY u.day, c.provider_agent_id"
-        " ORDER BY u.day DESC, c.provider_agent_id DESC LIMIT $8",
+        "SELECT provider_agent_id, day, requests, completed, failed, cancelled, input_tokens,"
+        " output_tokens, instances FROM usage_daily_by_agent WHERE org_id = ANY($1)"
+        " AND ($2::uuid IS NULL OR org_id = $2)"
+        " AND ($3::uuid IS NULL OR provider_agent_id = $3)"
+        " AND ($4::date IS NULL OR day >= $4) AND ($5::date IS NULL OR day <= $5)"
+        " AND ($6::date IS NULL OR (day, provider_agent_id) < ($6, $7::uuid))"
+        " ORDER BY day DESC, provider_agent_id DESC LIMIT $8",
         call.caller.org_ids(), wanted.org_id, wanted.provider_agent_id, wanted.since,
         wanted.until, after[0], after[1], page.limit + 1,
     )
