@@ -338,7 +338,7 @@ OPERATIONS = [
               "Create an agent from a pasted Langflow flow (admin of a provider organisation);"
               " pasted secrets are stripped and reported", create_provider_agent, _TAG,
               body=NewProviderAgent, response=CreatedProviderAgent, status=201,
-              errors=(403,)),
+              errors=(403, 404)),
     Operation("GET", "/api/provider-agents", "Your organisations' agents",
               list_provider_agents, _TAG, query=ProviderAgentFilter, response=ProviderAgent,
               paged=True),

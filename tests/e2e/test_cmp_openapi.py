@@ -1,6 +1,8 @@
 """The CMP's OpenAPI document against what the running CMP does: schemathesis generates
 requests for every operation and checks the answers (no 5xx, documented status codes, content
-types and response schemas)."""
+types and response schemas). Not checked: that every schema-valid body is accepted, since
+some rules span fields or need meaning (a flow must be a working Langflow flow; a key's limit
+may not exceed the tenant's), and those answer 422 by design."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncpg
 import hypothesis
 import pytest
 import schemathesis
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from cmp import identity
 from devstack.stack import Stack, run_coroutine
@@ -44,7 +47,8 @@ def test_every_operation_answers_as_its_document_says(stack: Stack) -> None:
             if case.query:
                 case.query.pop("cursor", None)
             case.call_and_validate(base_url=stack.cmp_url,
-                                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                                   headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                                   excluded_checks=[positive_data_acceptance])
 
         try:
             check()
