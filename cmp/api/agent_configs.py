@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from cmp.agent_configs import CONFIG_COLUMNS, AgentConfig, load_config, publish_config
 from cmp.api.fields import Body, Name, Query
 from cmp.api.operation import Call, Operation
-from cmp.api.pages import Page
+from cmp.api.pages import FIRST_ID, Page
 from cmp.apikeys import normalise_origin
 from cmp.errors import Conflict, InvalidInput
 from cmp.provisioning import queue_provisioning
@@ -81,15 +81,19 @@ async def list_configs(call: Call) -> Page[AgentConfigOut]:
     page, wanted = call.page, call.query
     assert page is not None and isinstance(wanted, ConfigFilter)
     status = wanted.status
+    # One index range (tenant_id, agent_id) per organisation, merged: a page costs the same for
+    # a tenant with five instances among millions as for one with millions.
     rows = await call.conn.fetch(
-        f"SELECT {CONFIG_COLUMNS} FROM customer_agent_configs c WHERE c.tenant_id = ANY($1)"
-        " AND ($2::uuid IS NULL OR c.tenant_id = $2)"
-        " AND ($3::uuid IS NULL OR c.provider_agent_id = $3)"
-        " AND ($4::text IS NULL OR CASE WHEN c.suspended THEN 'suspended'"
-        "      ELSE c.provisioning END = $4)"
-        " AND ($5::uuid IS NULL OR c.agent_id > $5) ORDER BY c.agent_id LIMIT $6",
-        call.caller.org_ids(), wanted.org_id, wanted.provider_agent_id, status,
-        page.after[0] if page.after else None, page.limit + 1,
+        "SELECT c.* FROM unnest($1::uuid[]) AS t(tenant_id) CROSS JOIN LATERAL ("
+        f" SELECT {CONFIG_COLUMNS} FROM customer_agent_configs c"
+        "  WHERE c.tenant_id = t.tenant_id AND c.agent_id > $2"
+        "  AND ($3::uuid IS NULL OR c.provider_agent_id = $3)"
+        "  AND ($4::text IS NULL OR CASE WHEN c.suspended THEN 'suspended'"
+        "       ELSE c.provisioning END = $4)"
+        "  ORDER BY c.agent_id LIMIT $5) c ORDER BY c.agent_id LIMIT $5",
+        [org for org in call.caller.org_ids() if wanted.org_id in (None, org)],
+        page.after[0] if page.after else FIRST_ID, wanted.provider_agent_id, status,
+        page.limit + 1,
     )
     return page.page([_out(AgentConfig(r)) for r in rows], lambda c: [c.agent_id])
 

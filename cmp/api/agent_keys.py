@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from cmp.agent_configs import load_config
 from cmp.api.fields import Body, Query
 from cmp.api.operation import Call, Operation, Reply
-from cmp.api.pages import Page
+from cmp.api.pages import FIRST_ID, Page
 from cmp.apikeys import KEY_COLUMNS, ApiKey, issue_key, key_from_row, normalise_origin, revoke_key
 from cmp.errors import Conflict, InvalidInput, NotFound
 
@@ -104,12 +104,13 @@ async def list_keys(call: Call) -> Page[AgentKey]:
     page, wanted = call.page, call.query
     assert page is not None and isinstance(wanted, KeyFilter)
     rows = await call.conn.fetch(
-        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = ANY($1)"
-        " AND ($2::uuid IS NULL OR agent_id = $2) AND ($3::text IS NULL OR kind = $3)"
-        " AND ($4::boolean IS NULL OR (revoked_at IS NOT NULL) = $4)"
-        " AND ($5::uuid IS NULL OR key_id > $5) ORDER BY key_id LIMIT $6",
-        call.caller.org_ids(), wanted.agent_id, wanted.kind, wanted.revoked,
-        page.after[0] if page.after else None, page.limit + 1,
+        "SELECT k.* FROM unnest($1::uuid[]) AS t(tenant_id) CROSS JOIN LATERAL ("
+        f" SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = t.tenant_id AND key_id > $2"
+        "  AND ($3::uuid IS NULL OR agent_id = $3) AND ($4::text IS NULL OR kind = $4)"
+        "  AND ($5::boolean IS NULL OR (revoked_at IS NOT NULL) = $5)"
+        "  ORDER BY api_keys.key_id LIMIT $6) k ORDER BY k.key_id LIMIT $6",
+        call.caller.org_ids(), page.after[0] if page.after else FIRST_ID,
+        wanted.agent_id, wanted.kind, wanted.revoked, page.limit + 1,
     )
     return page.page([_out(key_from_row(r)) for r in rows], lambda k: [k.key_id])
 

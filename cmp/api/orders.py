@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from cmp.api.fields import Body, Query
 from cmp.api.operation import Call, Operation, Reply
-from cmp.api.pages import Page
+from cmp.api.pages import FIRST_ID, Page
 from cmp.errors import Conflict, InvalidInput, NotFound
 from cmp.ids import uuid7
 from cmp.provisioning import queue_provisioning
@@ -112,12 +112,12 @@ async def list_orders(call: Call) -> Page[Order]:
     page, wanted = call.page, call.query
     assert page is not None and isinstance(wanted, OrderFilter)
     rows = await call.conn.fetch(
-        f"SELECT {_ORDER_COLUMNS}{_ORDER_FROM} WHERE o.customer_org_id = ANY($1)"
-        " AND ($2::uuid IS NULL OR o.customer_org_id = $2)"
-        " AND ($3::text IS NULL OR o.status = $3)"
-        " AND ($4::uuid IS NULL OR o.order_id > $4) ORDER BY o.order_id LIMIT $5",
-        call.caller.org_ids(), wanted.org_id, wanted.status,
-        page.after[0] if page.after else None, page.limit + 1,
+        "SELECT o.* FROM unnest($1::uuid[]) AS t(org_id) CROSS JOIN LATERAL ("
+        f" SELECT {_ORDER_COLUMNS}{_ORDER_FROM} WHERE o.customer_org_id = t.org_id"
+        "  AND o.order_id > $2 AND ($3::text IS NULL OR o.status = $3)"
+        "  ORDER BY o.order_id LIMIT $4) o ORDER BY o.order_id LIMIT $4",
+        [org for org in call.caller.org_ids() if wanted.org_id in (None, org)],
+        page.after[0] if page.after else FIRST_ID, wanted.status, page.limit + 1,
     )
     return page.page([Order(**dict(r)) for r in rows], lambda o: [o.order_id])
 

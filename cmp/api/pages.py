@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -16,6 +17,8 @@ from cmp.errors import InvalidInput
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 50
+# Below every id: the keyset bound of a first page, so the same index range serves every page.
+FIRST_ID = uuid.UUID(int=0)
 
 Item = TypeVar("Item", bound=BaseModel)
 

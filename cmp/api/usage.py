@@ -50,19 +50,29 @@ class AgentFilter(Query):
 _CURSOR = (dt.date.fromisoformat, uuid.UUID)
 
 
+# Keyset bounds when there is no cursor: every real (day, id) sorts below these.
+_LAST_DAY = dt.date.max
+_LAST_ID = uuid.UUID(int=(1 << 128) - 1)
+
+
 async def instance_usage(call: Call) -> Page[InstanceUsage]:
     page, wanted = call.page, call.query
     assert page is not None and isinstance(wanted, InstanceFilter)
-    after = page.after or [None, None]
+    after = page.after or [_LAST_DAY, _LAST_ID]
+    # One index range per organisation (tenant_id, day, agent_id), walked backwards from the
+    # cursor and merged: a page reads about `limit` rows per organisation, however many lie
+    # behind it.
     rows = await call.conn.fetch(
-        "SELECT agent_id, day, requests, completed, failed, cancelled, input_tokens,"
-        " output_tokens FROM usage_daily WHERE tenant_id = ANY($1)"
-        " AND ($2::uuid IS NULL OR tenant_id = $2) AND ($3::uuid IS NULL OR agent_id = $3)"
-        " AND ($4::date IS NULL OR day >= $4) AND ($5::date IS NULL OR day <= $5)"
-        " AND ($6::date IS NULL OR (day, agent_id) < ($6, $7::uuid))"
-        " ORDER BY day DESC, agent_id DESC LIMIT $8",
-        call.caller.org_ids(), wanted.org_id, wanted.agent_id, wanted.since, wanted.until,
-        after[0], after[1], page.limit + 1,
+        "SELECT u.* FROM unnest($1::uuid[]) AS t(tenant_id) CROSS JOIN LATERAL ("
+        "  SELECT agent_id, day, requests, completed, failed, cancelled, input_tokens,"
+        "  output_tokens FROM usage_daily d WHERE d.tenant_id = t.tenant_id"
+        "  AND (day, agent_id) < ($2::date, $3::uuid)"
+        "  AND day >= coalesce($4::date, '-infinity') AND day <= coalesce($5::date, 'infinity')"
+        "  AND ($6::uuid IS NULL OR agent_id = $6)"
+        "  ORDER BY day DESC, agent_id DESC LIMIT $7) u"
+        " ORDER BY u.day DESC, u.agent_id DESC LIMIT $7",
+        [org for org in call.caller.org_ids() if wanted.org_id in (None, org)],
+        after[0], after[1], wanted.since, wanted.until, wanted.agent_id, page.limit + 1,
     )
     return page.page([InstanceUsage(**dict(r)) for r in rows],
                      lambda u: [u.day.isoformat(), u.agent_id])
