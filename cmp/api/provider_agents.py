@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from cmp.api.fields import Body, Name, Query, Text
@@ -69,8 +69,16 @@ class NewProviderAgent(Body):
     limits: PlanLimits = Field(default_factory=_default_limits)
 
 
+def _without_null_defaults(schema: dict[str, Any]) -> None:
+    for field in schema.get("properties", {}).values():
+        if field.get("default", ...) is None:
+            del field["default"]
+
+
 class ProviderAgentChange(Body):
     """Absent fields keep their value; null is refused, and the schema offers none."""
+
+    model_config = ConfigDict(json_schema_extra=_without_null_defaults)
 
     name: Name | SkipJsonSchema[None] = None
     description: Text | SkipJsonSchema[None] = None
