@@ -52,10 +52,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
-async def _keep_redis_in_sync(pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+async def _keep_redis_in_sync(
+    pool: asyncpg.Pool, redis: aioredis.Redis, stopping: asyncio.Event
+) -> None:
     """Publish every registry entry and revocation again whenever Redis has lost them (a
     restart without persistence), checked every second through a marker key."""
-    while True:
+    while not stopping.is_set():
         try:
             if not await redis.exists(wire.SYNCED_MARKER):
                 async with pool.acquire() as conn:
@@ -65,7 +67,8 @@ async def _keep_redis_in_sync(pool: asyncpg.Pool, redis: aioredis.Redis) -> None
                 log.info("published %d registry entries and %d revocations", entries, revoked)
         except (CmpError, RedisError, OSError) as exc:
             log.warning("cannot sync Redis yet: %s", exc)
-        await asyncio.sleep(1.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 1.0)
 
 
 def build_app(config: CmpConfig) -> Starlette:
@@ -82,16 +85,20 @@ def build_app(config: CmpConfig) -> Starlette:
         app.state.services = Services(
             config=config, pool=pool, redis=redis, provisioner=provisioner
         )
+        # Background loops end when `stopping` is set, and are cancelled too: a client library
+        # that swallows a cancellation mid-call must not keep the process from stopping.
+        stopping = asyncio.Event()
         tasks = [
-            asyncio.create_task(_keep_redis_in_sync(pool, redis)),
-            asyncio.create_task(provisioner.run()),
+            asyncio.create_task(_keep_redis_in_sync(pool, redis, stopping)),
+            asyncio.create_task(provisioner.run(stopping)),
         ]
         try:
             yield
         finally:
+            stopping.set()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=10)
             await redis.aclose()
             await pool.close()
 

@@ -54,8 +54,8 @@ class Provisioner:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run(self) -> None:
-        while True:
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             try:
                 while await self.run_due() > 0:
                     pass

@@ -112,3 +112,16 @@ def test_the_cli_creates_a_user_with_an_organisation_and_token(database_url: str
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+async def test_the_document_and_unknown_routes_answer_without_a_user(
+    api: httpx.AsyncClient,
+) -> None:
+    """Also the shortest life an app can have: it must still stop at once (its background
+    loops end on shutdown even when a client library swallowed their cancellation)."""
+    document = (await api.get("/openapi.json")).json()
+    assert document["openapi"] == "3.1.0" and "/api/customer-agent-configs" in document["paths"]
+    missing = await api.get("/api/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = await api.put("/api/me")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
