@@ -24,6 +24,7 @@ from cmp.api.operation import Services, error_response, json_response, route
 from cmp.api.routes import OPERATIONS
 from cmp.apikeys import sync_revocations
 from cmp.config import CmpConfig
+from cmp.embeddings import EmbeddingsClient
 from cmp.errors import CmpError, NotFound
 from cmp.migrate import migrate
 from cmp.provisioning import Provisioner
@@ -82,8 +83,9 @@ def build_app(config: CmpConfig) -> Starlette:
         app.state.pool = pool
         app.state.redis = redis
         provisioner = Provisioner(config, pool, redis)
+        embeddings = EmbeddingsClient.from_config(config)
         app.state.services = Services(
-            config=config, pool=pool, redis=redis, provisioner=provisioner
+            config=config, pool=pool, redis=redis, provisioner=provisioner, embeddings=embeddings
         )
         # Background loops end when `stopping` is set, and are cancelled too: a client library
         # that swallows a cancellation mid-call must not keep the process from stopping.
@@ -99,6 +101,7 @@ def build_app(config: CmpConfig) -> Starlette:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=10)
+            await embeddings.aclose()
             await redis.aclose()
             await pool.close()
 

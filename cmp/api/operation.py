@@ -20,6 +20,7 @@ from starlette.routing import Route
 from cmp.api.pages import Page, PageRequest
 from cmp.api.webhook_signature import verify_webhook
 from cmp.config import CmpConfig
+from cmp.embeddings import EmbeddingsClient
 from cmp.errors import CmpError, InvalidInput, NotFound, TooLarge, Unavailable
 from cmp.identity import Caller, authenticate
 from cmp.ids import parse_id
@@ -36,6 +37,7 @@ class Services:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     provisioner: Provisioner
+    embeddings: EmbeddingsClient
 
 
 @dataclass

@@ -11,6 +11,7 @@ from cmp.api import (
     marketplace,
     orders,
     provider_agents,
+    training_documents,
     usage,
 )
 from cmp.api.operation import Operation
@@ -24,4 +25,5 @@ OPERATIONS: list[Operation] = [
     *agent_keys.OPERATIONS,
     *usage.OPERATIONS,
     *audit.OPERATIONS,
+    *training_documents.OPERATIONS,
 ]
