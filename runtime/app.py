@@ -33,6 +33,7 @@ from runtime.errors import InvalidRequest, PayloadTooLarge, RuntimeServiceError
 from runtime.flow_store import FlowStore
 from runtime.lfx_setup import prepare_lfx
 from runtime.lfx_tuning import EngineTuning
+from runtime.retrieval import TenantDocuments
 from runtime.streaming import RunStream
 
 MAX_FLOW_BYTES = 16 * 1024 * 1024
@@ -99,13 +100,21 @@ class RuntimeAPI:
         tuning.install()
         store = FlowStore(self.config.flows_dir)
         store.prepare()
-        self._engine = FlowEngine(self.config, catalogue, store)
+        documents = None
+        if self.config.vectors_database_url:
+            documents = await TenantDocuments.open(
+                self.config.vectors_database_url, self.config.embeddings_url,
+                self.config.embeddings_api_key, self.config.embeddings_model,
+            )
+        self._engine = FlowEngine(self.config, catalogue, store, documents)
         self._engine.load_stored()
         try:
             yield
         finally:
             self._engine = None
             await tuning.aclose()
+            if documents is not None:
+                await documents.aclose()
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok" if self._engine is not None else "starting"})

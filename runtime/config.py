@@ -5,6 +5,9 @@
     RUNTIME_RUN_TIMEOUT_S (120)     RUNTIME_FLOWS_DIR (.stack/runtime/flows)
     RUNTIME_LLM_BASE_URL (http://127.0.0.1:8091/v1)  RUNTIME_LLM_API_KEY (sk-mock)
     RUNTIME_LOG_LEVEL (warning)
+    RUNTIME_VECTORS_DATABASE_URL (unset: flows cannot read training documents)
+    RUNTIME_EMBEDDINGS_URL (RUNTIME_LLM_BASE_URL)  RUNTIME_EMBEDDINGS_API_KEY (RUNTIME_LLM_API_KEY)
+    RUNTIME_EMBEDDINGS_MODEL (text-embedding-mock; the model the CMP embeds documents with)
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ LLM_BASE_URL_VARIABLE = "SITEKIT_LLM_BASE_URL"
 LLM_API_KEY_VARIABLE = "SITEKIT_LLM_API_KEY"
 CREDENTIAL_VARIABLES = frozenset({LLM_BASE_URL_VARIABLE, LLM_API_KEY_VARIABLE})
 
+# Our own lfx components (runtime/lfx_components/<bundle>/*.py), installed through lfx's
+# components path so the catalogue knows their code like any installed component's.
+COMPONENTS_DIR = Path(__file__).with_name("lfx_components")
+
 
 class ConfigError(ValueError):
     """A setting the runtime cannot start with; the message names the variable."""
@@ -40,6 +47,10 @@ class RuntimeConfig:
     llm_base_url: str = "http://127.0.0.1:8091/v1"
     llm_api_key: str = "sk-mock"
     log_level: str = "warning"
+    vectors_database_url: str = ""
+    embeddings_url: str = ""
+    embeddings_api_key: str = ""
+    embeddings_model: str = "text-embedding-mock"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RuntimeConfig:
@@ -51,6 +62,8 @@ class RuntimeConfig:
                 f"{MIN_TOKEN_LENGTH} characters"
             )
         default = cls(service_token=token)
+        llm_base_url = (env.get("RUNTIME_LLM_BASE_URL") or default.llm_base_url).rstrip("/")
+        llm_api_key = env.get("RUNTIME_LLM_API_KEY") or default.llm_api_key
         config = cls(
             service_token=token,
             host=env.get("RUNTIME_HOST") or default.host,
@@ -58,15 +71,23 @@ class RuntimeConfig:
             workers=_integer(env, "RUNTIME_WORKERS", default.workers, 1, 64),
             run_timeout_s=_seconds(env, "RUNTIME_RUN_TIMEOUT_S", default.run_timeout_s),
             flows_dir=Path(env.get("RUNTIME_FLOWS_DIR") or default.flows_dir),
-            llm_base_url=(env.get("RUNTIME_LLM_BASE_URL") or default.llm_base_url).rstrip("/"),
-            llm_api_key=env.get("RUNTIME_LLM_API_KEY") or default.llm_api_key,
+            llm_base_url=llm_base_url,
+            llm_api_key=llm_api_key,
             log_level=(env.get("RUNTIME_LOG_LEVEL") or default.log_level).lower(),
+            vectors_database_url=env.get("RUNTIME_VECTORS_DATABASE_URL") or "",
+            embeddings_url=(env.get("RUNTIME_EMBEDDINGS_URL") or llm_base_url).rstrip("/"),
+            embeddings_api_key=env.get("RUNTIME_EMBEDDINGS_API_KEY") or llm_api_key,
+            embeddings_model=env.get("RUNTIME_EMBEDDINGS_MODEL") or default.embeddings_model,
         )
         url = urlsplit(config.llm_base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
                 f"RUNTIME_LLM_BASE_URL must be an http(s) URL, got {config.llm_base_url!r}"
             )
+        if config.vectors_database_url and urlsplit(config.vectors_database_url).scheme not in (
+            "postgres", "postgresql"
+        ):
+            raise ConfigError("RUNTIME_VECTORS_DATABASE_URL must be a postgresql:// URL")
         if config.log_level not in LOG_LEVELS:
             raise ConfigError(f"RUNTIME_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         return config
@@ -115,6 +136,9 @@ def apply_engine_environment(config: RuntimeConfig, environ: MutableMapping[str,
         entries = [e.strip() for e in environ.get(name, "").split(",") if e.strip()]
         if value not in entries:
             environ[name] = ",".join([*entries, value])
+    paths = [p for p in environ.get("LANGFLOW_COMPONENTS_PATH", "").split(os.pathsep) if p]
+    if str(COMPONENTS_DIR) not in paths:
+        environ["LANGFLOW_COMPONENTS_PATH"] = os.pathsep.join([*paths, str(COMPONENTS_DIR)])
 
 
 def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

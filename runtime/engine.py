@@ -31,6 +31,7 @@ from runtime.config import CREDENTIAL_VARIABLES, RuntimeConfig
 from runtime.errors import FlowNotFound, InvalidFlow, InvalidRequest
 from runtime.flow_store import FlowStore, check_flow_id
 from runtime.integrity import check_flow
+from runtime.retrieval import CONTEXT_KEY, TenantDocuments
 from runtime.token_events import TokenEvents
 
 log = logging.getLogger("runtime.engine")
@@ -71,9 +72,11 @@ class FlowEngine:
     """The flows this worker serves; the store on disk is the source of truth across workers."""
 
     def __init__(
-        self, config: RuntimeConfig, catalogue: ComponentCatalogue, store: FlowStore
+        self, config: RuntimeConfig, catalogue: ComponentCatalogue, store: FlowStore,
+        documents: TenantDocuments | None = None,
     ) -> None:
         self._catalogue = catalogue
+        self._documents = documents
         self._store = store
         self._credentials = config.credential_variables()
         self._flows: dict[str, DeployedFlow] = {}
@@ -159,7 +162,11 @@ class FlowEngine:
         from lfx.graph import Graph
         from lfx.run._defaults import apply_run_defaults
 
-        context = {"request_variables": dict(request.variables), "no_env_fallback": True}
+        context: dict[str, Any] = {
+            "request_variables": dict(request.variables), "no_env_fallback": True,
+            # Read by our installed retrieval component; runtime objects, never variables.
+            CONTEXT_KEY: self._documents,
+        }
         blank = Graph(flow_id=flow.graph_id, flow_name=flow.name, user_id=RUNTIME_USER_ID,
                       context=context)
         graph = pickle.loads(flow.template)  # noqa: S301 - our own bytes, made at deploy

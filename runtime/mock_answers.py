@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
-_HOOK = re.compile(r"#(tokens=\d+|fail|slow)\b")
+_HOOK = re.compile(r"#(tokens=\d+|fail|slow|echo)\b")
 _TOKENS_HOOK = re.compile(r"#tokens=(\d+)")
 _ECHO_WORDS = 6
 MAX_ANSWER_TOKENS = 100_000
@@ -57,6 +57,10 @@ def plan_answer(last_user_message: str, default_tokens: int) -> AnswerPlan:
     if match:
         length = min(int(match.group(1)), MAX_ANSWER_TOKENS)
     clean = _HOOK.sub(" ", last_user_message)
+    if "#echo" in last_user_message:
+        # The whole message back, word by word: shows a test the prompt a flow built.
+        whole = tuple(clean.split()[:MAX_ANSWER_TOKENS]) or ("You", "said", "nothing")
+        return AnswerPlan(words=whole, fail=False, slow="#slow" in last_user_message)
     echo = _WORD.findall(clean)[-_ECHO_WORDS:]
     head = ["You", "asked", "about", *echo] if echo else ["You", "said", "nothing"]
     seed = int.from_bytes(hashlib.blake2b(clean.encode(), digest_size=8).digest(), "big")

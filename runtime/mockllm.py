@@ -10,7 +10,8 @@ Answers come from `runtime.mock_answers`; the pace is set by environment:
 
 Hooks inside the last user message: `#tokens=N` answers with N tokens, `#fail` aborts the
 connection mid-stream (after `FAIL_AFTER_TOKENS` tokens), `#slow` paces tokens at
-MOCKLLM_SLOW_TOKEN_MS. Run with `python -m runtime.mockllm`.
+MOCKLLM_SLOW_TOKEN_MS, `#echo` answers with the whole message, word by word (how tests see the
+prompt a flow built). Run with `python -m runtime.mockllm`.
 """
 
 from __future__ import annotations

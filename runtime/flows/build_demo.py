@@ -56,17 +56,28 @@ def build_flow(
     )
     chat_output.set(input_value=model.text_response)  # type: ignore[no-untyped-call]
     dumped: dict[str, Any] = dict(Graph(chat_input, chat_output).dump(name=name))
+    variables = {
+        ("OpenAIModel-sk003", "api_key"): LLM_API_KEY_VARIABLE,
+        ("OpenAIModel-sk003", "openai_api_base"): LLM_BASE_URL_VARIABLE,
+        **{("Prompt-sk002", field): var for field, var in (prompt_variables or {}).items()},
+    }
+    return export_flow(
+        dumped, variables, name=name, flow_id=flow_id,
+        description="Chat Input -> Prompt -> OpenAI (streaming) -> Chat Output",
+    )
 
+
+def export_flow(
+    dumped: dict[str, Any], variables: Mapping[tuple[str, str], str], *, name: str,
+    flow_id: str, description: str,
+) -> dict[str, Any]:
+    """A graph dumped by lfx in Langflow's export format; `variables` maps (node, field) to the
+    global variable the field reads (load_from_db)."""
     # A connected input takes its value from the edge; lfx leaves a placeholder message
     # (with a timestamp) in the field, where Langflow's exports have an empty value.
     connected = {
         (edge["target"], edge["data"]["targetHandle"]["fieldName"])
         for edge in dumped["data"]["edges"]
-    }
-    variables = {
-        ("OpenAIModel-sk003", "api_key"): LLM_API_KEY_VARIABLE,
-        ("OpenAIModel-sk003", "openai_api_base"): LLM_BASE_URL_VARIABLE,
-        **{("Prompt-sk002", field): var for field, var in (prompt_variables or {}).items()},
     }
     # lfx walks sets while dumping; sorting keeps the file the same from one build to the next.
     nodes = sorted(
@@ -76,7 +87,7 @@ def build_flow(
     flow: dict[str, Any] = {
         "id": flow_id,
         "name": name,
-        "description": "Chat Input -> Prompt -> OpenAI (streaming) -> Chat Output",
+        "description": description,
         "endpoint_name": None,
         "is_component": False,
         "last_tested_version": version("lfx"),
