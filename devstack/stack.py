@@ -181,6 +181,7 @@ class Stack:
                 "RUNTIME_FLOWS_DIR": str(self.root / "runtime" / "flows"),
                 "RUNTIME_LLM_BASE_URL": self.llm_url,
                 "RUNTIME_LLM_API_KEY": "sk-mock",
+                "RUNTIME_VECTORS_DATABASE_URL": self.database_url,
             })
         if name == "cmp":
             return services.python_service("cmp", "cmp", p.cmp, logs, {

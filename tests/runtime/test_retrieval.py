@@ -227,3 +227,26 @@ def test_retrieval_json_is_what_the_builder_builds(retrieval_flow: dict[str, Any
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           check=True, timeout=180)
     assert json.loads(done.stdout) == retrieval_flow, "run python -m runtime.flows.build_retrieval"
+
+
+def test_runtime_settings_for_documents(tmp_path: Path) -> None:
+    from runtime.config import COMPONENTS_DIR, ConfigError, RuntimeConfig, apply_engine_environment
+
+    base = {"RUNTIME_SERVICE_TOKEN": TOKEN, "RUNTIME_LLM_BASE_URL": "http://llm:1/v1",
+            "RUNTIME_LLM_API_KEY": "sk-llm"}
+    config = RuntimeConfig.from_env(base)
+    assert config.vectors_database_url == ""
+    assert (config.embeddings_url, config.embeddings_api_key) == ("http://llm:1/v1", "sk-llm")
+    config = RuntimeConfig.from_env({**base, "RUNTIME_VECTORS_DATABASE_URL": "postgresql://db/x",
+                                     "RUNTIME_EMBEDDINGS_URL": "http://emb:2/v1/",
+                                     "RUNTIME_EMBEDDINGS_MODEL": "text-embedding-3-small"})
+    assert config.vectors_database_url == "postgresql://db/x"
+    assert (config.embeddings_url, config.embeddings_model) == (
+        "http://emb:2/v1", "text-embedding-3-small")
+    with pytest.raises(ConfigError, match="RUNTIME_VECTORS_DATABASE_URL"):
+        RuntimeConfig.from_env({**base, "RUNTIME_VECTORS_DATABASE_URL": "mysql://db/x"})
+
+    environ = {"LANGFLOW_COMPONENTS_PATH": str(tmp_path)}
+    apply_engine_environment(config, environ)
+    apply_engine_environment(config, environ)
+    assert environ["LANGFLOW_COMPONENTS_PATH"].split(":") == [str(tmp_path), str(COMPONENTS_DIR)]
