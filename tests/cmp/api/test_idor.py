@@ -26,11 +26,17 @@ BODIES: dict[str, dict[str, Any]] = {
     "create_key": {"agent_id": "{agent_id}", "kind": "secret"},
     "update_provider_agent": {"name": "taken over"},
     "create_version": {"flow": orjson.loads(DEMO_FLOW.read_bytes())},
+    "search_training_documents": {"agent_id": "{agent_id}", "query": "refunds"},
 }
 # Published agents are the marketplace's shop window: every signed-in user may see them.
 PUBLIC_BY_DESIGN = {"get_marketplace_agent"}
 # Operations whose object is named in the body rather than the path.
-BODY_SCOPED = {"create_key": "agent_id"}
+BODY_SCOPED = {"create_key": "agent_id", "search_training_documents": "agent_id"}
+
+
+@pytest.fixture
+def cmp_overrides(stack: Stack) -> dict[str, Any]:
+    return {"embeddings_url": stack.llm_url}
 
 
 @pytest.fixture
@@ -64,13 +70,17 @@ async def test_another_organisations_objects_answer_404_and_nothing_changes(
     key = (await victim.client.post("/api/agent-api-keys",
                                      json={"agent_id": agent_id, "kind": "secret"})).json()
     token = (await victim.client.post("/api/tokens", json={"name": "victim"})).json()
+    document = (await victim.client.post(
+        "/api/training-documents", params={"agent_id": agent_id, "filename": "faq.md"},
+        content=b"Refunds take fourteen days.", headers={"content-type": "text/markdown"},
+    )).json()
     order = (await victim.client.get("/api/orders")).json()["items"][0]
     ids = {
         "org_id": str(victim.org_id), "user_id": str(victim.user_id),
         "token_id": token["token_id"], "agent_id": agent_id, "key_id": key["key_id"],
         "order_id": order["order_id"],
         "provider_agent_id": str(published_agent.provider_agent_id), "version": "1",
-        "email": victim.email,
+        "email": victim.email, "document_id": document["document_id"],
     }
     attacker = await make_user("both")
     before = await snapshot(cmp_config.database_url)
@@ -99,6 +109,7 @@ async def test_another_organisations_objects_answer_404_and_nothing_changes(
 
     # Lists and filters never show the victim's objects either.
     for path in ("/api/customer-agent-configs", "/api/agent-api-keys", "/api/orders",
+                 "/api/training-documents", f"/api/training-documents?agent_id={agent_id}",
                  f"/api/customer-agent-configs?org_id={victim.org_id}",
                  f"/api/agent-api-keys?agent_id={agent_id}", "/api/usage/agent-instances",
                  f"/api/usage/agent-instances?org_id={victim.org_id}", "/api/audit-log"):

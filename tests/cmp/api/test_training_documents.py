@@ -20,7 +20,7 @@ from cmp.config import CmpConfig
 from cmp.embeddings import EmbeddingsClient
 from devstack import services
 from devstack.procs import free_port
-from tests.cmp.conftest import SERVICE_TOKEN, WEBHOOK_SECRET, MakeUser, User
+from tests.cmp.conftest import MakeUser, User
 
 ROOT = Path(__file__).resolve().parents[3]
 URL = "/api/training-documents"
@@ -55,12 +55,8 @@ def embeddings_llm(stack_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def cmp_config(database_url: str, redis_url: str, embeddings_llm: str) -> CmpConfig:
-    return CmpConfig(
-        database_url=database_url, redis_url=redis_url, issuer="sitekit-test",
-        service_token=SERVICE_TOKEN, webhook_secret=WEBHOOK_SECRET, provision_backoff_s=0.05,
-        embeddings_url=embeddings_llm,
-    )
+def cmp_overrides(embeddings_llm: str) -> dict[str, Any]:
+    return {"embeddings_url": embeddings_llm}
 
 
 @pytest.fixture
