@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -213,7 +212,10 @@ class Hit:
 async def search(
     conn: asyncpg.Connection, agent_id: uuid.UUID, vector: Sequence[float], k: int
 ) -> list[Hit]:
-    """The `k` chunks of this agent's collection closest to `vector` (cosine), best first."""
+    """The `k` chunks of this agent's collection closest to `vector` (cosine), best first.
+    A zero vector has no direction, so nothing is close to it."""
+    if not any(vector):
+        return []
     table = await conn.fetchval(
         "SELECT table_name FROM vector_collections WHERE agent_id = $1", agent_id
     )
@@ -233,8 +235,5 @@ async def search(
     ]
 
 
-def _score(distance: float | None) -> float:
-    """Cosine similarity; a text without words embeds to zeros, whose distance is NaN."""
-    if distance is None or math.isnan(distance):
-        return 0.0
+def _score(distance: float) -> float:
     return 1.0 - float(distance)

@@ -2,7 +2,8 @@
 
 Everything here is a pure function of its input, so tests and benchmarks can predict it:
 the answer to a message is always the same sequence of word tokens, and the embedding of
-a text is a hashed bag of its lowercased words (signed feature hashing, L2-normalised).
+a text is a hashed bag of its lowercased words, of any script (signed feature hashing,
+L2-normalised).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
+_ANY_SCRIPT_WORD = re.compile(r"[\w']+")  # embeddings read words of every script
 _HOOK = re.compile(r"#(tokens=\d+|fail|slow|echo)\b")
 _TOKENS_HOOK = re.compile(r"#tokens=(\d+)")
 _ECHO_WORDS = 6
@@ -78,7 +80,7 @@ def plan_answer(last_user_message: str, default_tokens: int) -> AnswerPlan:
 def embed(text: str, dimensions: int) -> list[float]:
     """Signed feature hashing of lowercased words, L2-normalised; all zeros for no words."""
     vector = [0.0] * dimensions
-    for word in _WORD.findall(text.lower()):
+    for word in _ANY_SCRIPT_WORD.findall(text.lower()):
         digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
         bucket = int.from_bytes(digest[:7], "big") % dimensions
         vector[bucket] += 1.0 if digest[7] & 1 else -1.0

@@ -82,6 +82,8 @@ class TenantDocuments:
                         f" runtime embeds queries with {self._model!r}"
                     )
                 vector = await self._embed(query[:MAX_QUERY_CHARS], row["dimensions"])
+                if vector is None:  # a query without words: nothing is close to it
+                    return []
                 rows = await conn.fetch(
                     f"SELECT content FROM collections.{row['table_name']}"
                     " ORDER BY embedding <=> $1::vector LIMIT $2", vector, k,
@@ -90,7 +92,7 @@ class TenantDocuments:
             raise RetrievalError(f"the documents database is unavailable: {exc}") from exc
         return [str(r["content"]) for r in rows]
 
-    async def _embed(self, text: str, dimensions: int) -> str:
+    async def _embed(self, text: str, dimensions: int) -> str | None:
         body = {"model": self._model, "input": [text], "encoding_format": "float"}
         try:
             response = await self._http.post("embeddings", json=body)
@@ -102,4 +104,6 @@ class TenantDocuments:
             raise RetrievalError(
                 f"the query embeds to {len(vector)} dimensions, the collection to {dimensions}"
             )
+        if not any(vector):
+            return None
         return "[" + ",".join(repr(x) for x in vector) + "]"

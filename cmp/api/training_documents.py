@@ -20,7 +20,7 @@ from cmp import documents
 from cmp.api.fields import Body, Name, Query
 from cmp.api.operation import Call, Operation, Reply, UnsupportedMediaType
 from cmp.api.pages import Page
-from cmp.errors import CmpError, Conflict, NotFound, Unavailable
+from cmp.errors import CmpError, Conflict, InvalidInput, NotFound, Unavailable
 from cmp.ids import uuid7
 from cmp.wire import collection_name
 
@@ -104,6 +104,12 @@ async def _ingest(call: Call, document: TrainingDocument, text: str) -> None:
     try:
         chunks = documents.chunk_text(text)
         vectors = await embeddings.embed(chunks)
+        blank = [n for n, vector in enumerate(vectors) if not any(vector)]
+        if blank:
+            raise InvalidInput(
+                f"{len(blank)} chunk(s) embed to a zero vector, which cosine search can never"
+                f" find (the first is chunk {blank[0]}): the embeddings model reads no words there"
+            )
         async with conn.transaction():
             status = await conn.fetchval(
                 "SELECT status FROM training_documents WHERE document_id = $1 FOR UPDATE",

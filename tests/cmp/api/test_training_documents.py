@@ -351,7 +351,20 @@ async def test_unicode_and_sql_metacharacters_are_stored_verbatim(
     assert fetched.json()["filename"] == filename
     [hit] = (await search(owner, agent_id, "refunds", k=1)).json()["results"]
     assert hit["content"] == text and hit["filename"] == filename
-    assert await db.fetchval("SELECT count(*) FROM training_documents") == 1
+
+    japanese = await upload(owner, agent_id, "東京の店舗は九時に開きます", filename="東京.md")
+    assert japanese.status_code == 201 and japanese.json()["status"] == "ready"
+    [hit] = (await search(owner, agent_id, "東京の店舗は九時に開きます", k=1)).json()["results"]
+    assert hit["filename"] == "東京.md" and hit["score"] > 0.99
+
+    # Text with no words embeds to a zero vector, which cosine search could never find.
+    emoji = await upload(owner, agent_id, "🚀 🚀 🚀", filename="rocket.md")
+    assert emoji.status_code == 422 and "zero vector" in emoji.json()["error"]["message"]
+    rocket = (await owner.client.get(URL, params={"status": "failed"})).json()["items"]
+    assert [d["filename"] for d in rocket] == ["rocket.md"]
+    assert "zero vector" in rocket[0]["failure_reason"] and rocket[0]["chunk_count"] == 0
+    assert (await search(owner, agent_id, "🚀", k=5)).json()["results"] == []
+    assert await db.fetchval("SELECT count(*) FROM training_documents") == 3
 
 
 async def test_delete_removes_the_vectors(
