@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
+
+# Our own lfx components (lfx_components/<bundle>/*.py), added to lfx's components path so the
+# catalogue holds their code like any installed component's, in every process that loads it
+# (the runtime, and the CMP when it checks a seller's flow).
+COMPONENTS_DIR = Path(__file__).with_name("lfx_components")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +28,9 @@ class ComponentCatalogue:
         settings = get_settings_service()
         if settings is None:
             raise RuntimeError("lfx has no settings service")
+        paths = settings.settings.components_path
+        if str(COMPONENTS_DIR) not in paths:
+            paths.append(str(COMPONENTS_DIR))
         await get_and_cache_all_types_dict(settings)  # type: ignore[arg-type]
         with component_cache.state_lock:
             code_by_type = dict(component_cache.type_to_code or {})

@@ -27,10 +27,6 @@ LLM_BASE_URL_VARIABLE = "SITEKIT_LLM_BASE_URL"
 LLM_API_KEY_VARIABLE = "SITEKIT_LLM_API_KEY"
 CREDENTIAL_VARIABLES = frozenset({LLM_BASE_URL_VARIABLE, LLM_API_KEY_VARIABLE})
 
-# Our own lfx components (runtime/lfx_components/<bundle>/*.py), installed through lfx's
-# components path so the catalogue knows their code like any installed component's.
-COMPONENTS_DIR = Path(__file__).with_name("lfx_components")
-
 
 class ConfigError(ValueError):
     """A setting the runtime cannot start with; the message names the variable."""
@@ -136,9 +132,6 @@ def apply_engine_environment(config: RuntimeConfig, environ: MutableMapping[str,
         entries = [e.strip() for e in environ.get(name, "").split(",") if e.strip()]
         if value not in entries:
             environ[name] = ",".join([*entries, value])
-    paths = [p for p in environ.get("LANGFLOW_COMPONENTS_PATH", "").split(os.pathsep) if p]
-    if str(COMPONENTS_DIR) not in paths:
-        environ["LANGFLOW_COMPONENTS_PATH"] = os.pathsep.join([*paths, str(COMPONENTS_DIR)])
 
 
 def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

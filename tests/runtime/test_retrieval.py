@@ -229,8 +229,8 @@ def test_retrieval_json_is_what_the_builder_builds(retrieval_flow: dict[str, Any
     assert json.loads(done.stdout) == retrieval_flow, "run python -m runtime.flows.build_retrieval"
 
 
-def test_runtime_settings_for_documents(tmp_path: Path) -> None:
-    from runtime.config import COMPONENTS_DIR, ConfigError, RuntimeConfig, apply_engine_environment
+def test_runtime_settings_for_documents() -> None:
+    from runtime.config import ConfigError, RuntimeConfig
 
     base = {"RUNTIME_SERVICE_TOKEN": TOKEN, "RUNTIME_LLM_BASE_URL": "http://llm:1/v1",
             "RUNTIME_LLM_API_KEY": "sk-llm"}
@@ -245,8 +245,3 @@ def test_runtime_settings_for_documents(tmp_path: Path) -> None:
         "http://emb:2/v1", "text-embedding-3-small")
     with pytest.raises(ConfigError, match="RUNTIME_VECTORS_DATABASE_URL"):
         RuntimeConfig.from_env({**base, "RUNTIME_VECTORS_DATABASE_URL": "mysql://db/x"})
-
-    environ = {"LANGFLOW_COMPONENTS_PATH": str(tmp_path)}
-    apply_engine_environment(config, environ)
-    apply_engine_environment(config, environ)
-    assert environ["LANGFLOW_COMPONENTS_PATH"].split(":") == [str(tmp_path), str(COMPONENTS_DIR)]
