@@ -227,7 +227,7 @@ async def search_training_documents(call: Call) -> SearchResults:
 OPERATIONS = [
     Operation("POST", "/api/training-documents/search",
               "The chunks of an agent's documents closest to a query", search_training_documents,
-              "training-documents", body=SearchRequest, response=SearchResults, errors=(409,)),
+              "training-documents", body=SearchRequest, response=SearchResults, errors=(404, 409)),
     Operation("POST", "/api/training-documents",
               "Upload a document for one of your agents (admin); send the file as the body",
               upload_training_document, "training-documents", query=NewDocument,
