@@ -234,6 +234,23 @@ async def test_list_is_paged_and_filtered_by_agent_and_status(
     failed = await owner.client.get(URL, params={"status": "failed"})
     assert failed.json()["items"] == []
 
+    # A member of a second organisation pages through both, merged in id order.
+    other_org = await make_user()
+    other_agent = await make_agent(db, other_org.org_id, provider)
+    theirs = (await upload(other_org, other_agent, "About rakes.")).json()["document_id"]
+    more = (await upload(owner, first, "About spades.")).json()["document_id"]
+    await db.execute("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'member')",
+                     other_org.org_id, owner.user_id)
+    merged: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await owner.client.get(URL, params=params)).json()
+        merged += [d["document_id"] for d in page["items"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert merged == [*ids, other, theirs, more]
+
 
 async def test_validation_errors(make_user: MakeUser, provider: User, db: asyncpg.Connection):
     owner = await make_user()
