@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from cmp.api.fields import Query
+from cmp.api.fields import Name, Query
 from cmp.api.operation import Call, Operation
 from cmp.api.pages import Page
 
@@ -28,8 +28,8 @@ class AuditEntry(BaseModel):
 
 class AuditFilter(Query):
     org_id: uuid.UUID | None = None
-    action: str | None = None
-    object_id: str | None = None
+    action: Name | None = None
+    object_id: Name | None = None
 
 
 async def list_audit_log(call: Call) -> Page[AuditEntry]:
