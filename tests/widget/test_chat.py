@@ -317,3 +317,22 @@ async def test_a_revoked_key_is_refused_in_words_without_retrying(
     await expect(status(page)).to_have_text("This chat is not available on this website.")
     assert (await events(page, "error"))[0]["kind"] == "refused"
     assert len(requests) == 1
+
+
+async def test_with_the_runtime_down_it_retries_briefly_then_says_unavailable(
+    stack: Stack, site: Site, tab: Tab
+) -> None:
+    page = tab.page
+    requests = chat_requests(tab)
+    await page.goto(site.url)
+    await open_chat(page)
+    stack.process("runtime").stop()  # the next test gets it back (services_up)
+    await send(page, "Anyone home?")
+    await expect(status(page)).to_have_text(
+        re.compile(r"The assistant is busy\. Retrying in \d+ seconds"))
+    await wait_event(page, "error")
+    await expect(status(page)).to_have_text(
+        "The assistant is unavailable right now. Please try again later.")
+    assert (await events(page, "error"))[0]["kind"] == "unavailable"
+    assert len(requests) == 3  # the first try and two retries
+    assert await bot_bodies(page).count() == 1  # the greeting only: no empty answer

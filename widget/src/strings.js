@@ -18,7 +18,8 @@ const STRINGS = {
     failed: 'The assistant could not answer. Please try again.',
     network: 'No connection. Please check your network and try again.',
     cut: 'The connection was lost before the answer was complete.',
-    retrying: 'Connection lost. Retrying in {n} seconds…',
+    network_retry: 'Connection lost. Retrying in {n} seconds…',
+    unavailable_retry: 'The assistant is busy. Retrying in {n} seconds…',
   },
   de: {
     open: 'Chat mit {name} öffnen',
@@ -37,7 +38,8 @@ const STRINGS = {
     failed: 'Der Assistent konnte nicht antworten. Bitte erneut versuchen.',
     network: 'Keine Verbindung. Bitte Netzwerk prüfen und erneut versuchen.',
     cut: 'Die Verbindung brach ab, bevor die Antwort vollständig war.',
-    retrying: 'Verbindung verloren. Neuer Versuch in {n} Sekunden…',
+    network_retry: 'Verbindung verloren. Neuer Versuch in {n} Sekunden…',
+    unavailable_retry: 'Der Assistent ist ausgelastet. Neuer Versuch in {n} Sekunden…',
   },
   fr: {
     open: 'Ouvrir le chat avec {name}',
@@ -56,7 +58,8 @@ const STRINGS = {
     failed: "L'assistant n'a pas pu répondre. Réessayez.",
     network: 'Pas de connexion. Vérifiez votre réseau et réessayez.',
     cut: 'La connexion a été perdue avant la fin de la réponse.',
-    retrying: 'Connexion perdue. Nouvel essai dans {n} secondes…',
+    network_retry: 'Connexion perdue. Nouvel essai dans {n} secondes…',
+    unavailable_retry: "L'assistant est occupé. Nouvel essai dans {n} secondes…",
   },
   es: {
     open: 'Abrir el chat con {name}',
@@ -75,7 +78,8 @@ const STRINGS = {
     failed: 'El asistente no pudo responder. Inténtalo de nuevo.',
     network: 'Sin conexión. Revisa tu red e inténtalo de nuevo.',
     cut: 'Se perdió la conexión antes de completar la respuesta.',
-    retrying: 'Conexión perdida. Reintentando en {n} segundos…',
+    network_retry: 'Conexión perdida. Reintentando en {n} segundos…',
+    unavailable_retry: 'El asistente está ocupado. Reintentando en {n} segundos…',
   },
 }
 

@@ -9,7 +9,9 @@ import { loadConversation, saveConversation } from './store.js'
 import { say, strings } from './strings.js'
 import { css, isColor } from './styles.js'
 
-const RETRIES = 5 // after a network loss: waits of about 1, 2, 4, 8 and 16 s
+// Retries of a turn that got no answer: after a network loss, waits of about 1, 2, 4, 8 and
+// 16 s; while the gateway says it is unavailable (503), fewer, as long as its Retry-After.
+const RETRIES = { network: 5, unavailable: 2 }
 const CONFIG_RETRIES = 2
 
 function h(tag, attributes = {}, children = []) {
@@ -298,10 +300,9 @@ export class Widget {
           this.emit('answer', { text: answer, stopped: true })
           break
         }
-        if ((err.kind === 'network' || err.kind === 'unavailable') && !answer
-            && attempt < RETRIES) {
+        if (!answer && attempt < (RETRIES[err.kind] || 0)) {
           const seconds = Math.max(err.retryAfter, 2 ** attempt) * (0.8 + Math.random() * 0.4)
-          this.setStatus(say(this.words.retrying, { n: Math.ceil(seconds) }), true)
+          this.setStatus(say(this.words[`${err.kind}_retry`], { n: Math.ceil(seconds) }), true)
           await this.sleep(seconds * 1000, turn.signal)
           if (!turn.signal.aborted) continue
           note = 'stopped'
