@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright
+from playwright.async_api import Browser, Locator, Page, Request, async_playwright
 
 from cmp.registry import DEFAULT_LIMITS, Limits
 from devstack.demo_page import HTML, PageServer, widget_script
@@ -220,3 +220,9 @@ async def send(page: Page, text: str) -> None:
 
 def quote(text: str) -> str:
     return html.escape(text, quote=True)
+
+
+def chat_requests(tab: Tab) -> list[Request]:
+    found: list[Request] = []
+    tab.page.on("request", lambda r: found.append(r) if r.url.endswith("/chat") else None)
+    return found

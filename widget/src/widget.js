@@ -6,32 +6,14 @@
 import { fetchConfig, keyOrigins, streamChat } from './client.js'
 import { format } from './format.js'
 import { loadConversation, saveConversation } from './store.js'
+import { buildPanel, h } from './panel.js'
 import { say, strings } from './strings.js'
-import { css, isColor } from './styles.js'
+import { isColor } from './styles.js'
 
 // Retries of a turn that got no answer: after a network loss, waits of about 1, 2, 4, 8 and
 // 16 s; while the gateway says it is unavailable (503), fewer, as long as its Retry-After.
 const RETRIES = { network: 5, unavailable: 2 }
 const CONFIG_RETRIES = 2
-
-function h(tag, attributes = {}, children = []) {
-  const node = document.createElement(tag)
-  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value)
-  node.append(...children)
-  return node
-}
-
-function icon() {
-  const ns = 'http://www.w3.org/2000/svg'
-  const svg = document.createElementNS(ns, 'svg')
-  const path = document.createElementNS(ns, 'path')
-  svg.setAttribute('viewBox', '0 0 24 24')
-  svg.setAttribute('aria-hidden', 'true')
-  svg.setAttribute('focusable', 'false')
-  path.setAttribute('d', 'M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z')
-  svg.append(path)
-  return svg
-}
 
 function fail(message) {
   console.error(`Site Kit: ${message}`)
@@ -131,40 +113,12 @@ export class Widget {
     this.name = config.name || 'Assistant'
     this.conversation = loadConversation(this.options.agent)
 
-    this.host = h('sitekit-chat')
-    const root = this.host.attachShadow({ mode: 'open' })
-    const sheet = css(side, accent)
-    if ('adoptedStyleSheets' in root) {
-      // Constructed stylesheets are not subject to a page's style-src: a strict CSP allows them.
-      const adopted = new CSSStyleSheet()
-      adopted.replaceSync(sheet)
-      root.adoptedStyleSheets = [adopted]
-    } else {
-      root.append(h('style', {}, [sheet]))
+    const { form, closeButton, ...parts } = buildPanel({ words, lang, name: this.name, side,
+      accent, starters: (config.starter_prompts || []).slice(0, 4).map(String) })
+    Object.assign(this, parts) // host, launcher, panel, log, starters, status, input, button
+    for (const button of this.starters.children) {
+      this.on(button, 'click', () => this.send(button.textContent))
     }
-    this.launcher = h('button', {
-      type: 'button', class: 'launcher', 'aria-label': say(words.open, { name: this.name }),
-      'aria-expanded': 'false', 'aria-controls': 'panel',
-    }, [icon()])
-    this.log = h('div', { class: 'log', role: 'log', 'aria-live': 'polite', tabindex: '0',
-      'aria-label': this.name })
-    this.starters = h('div', { class: 'starters', role: 'group', 'aria-label': words.suggestions },
-      (config.starter_prompts || []).slice(0, 4).map((prompt) => {
-        const button = h('button', { type: 'button' }, [String(prompt)])
-        this.on(button, 'click', () => this.send(String(prompt)))
-        return button
-      }))
-    this.status = h('p', { class: 'status', role: 'status' })
-    this.input = h('textarea', { rows: '1', 'aria-label': words.message,
-      placeholder: words.placeholder, maxlength: '4000' })
-    this.button = h('button', { type: 'submit', class: 'send' }, [words.send])
-    const form = h('form', {}, [this.input, this.button])
-    const close = h('button', { type: 'button', class: 'close', 'aria-label': words.close }, ['×'])
-    this.panel = h('section', {
-      class: 'panel', id: 'panel', role: 'dialog', 'aria-labelledby': 'title', lang, hidden: '',
-    }, [h('header', {}, [h('h2', { id: 'title' }, [this.name]), close]), this.log,
-      this.starters, this.status, form])
-    root.append(this.panel, this.launcher)
 
     if (config.greeting) this.addMessage('bot', config.greeting)
     for (const message of this.conversation.messages) {
@@ -173,7 +127,7 @@ export class Widget {
     this.starters.hidden = this.conversation.messages.length > 0
 
     this.on(this.launcher, 'click', () => (this.isOpen ? this.close() : this.open(true)))
-    this.on(close, 'click', () => this.close())
+    this.on(closeButton, 'click', () => this.close())
     this.on(this.panel, 'keydown', (event) => {
       if (event.key === 'Escape') {
         event.stopPropagation()
