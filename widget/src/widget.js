@@ -83,6 +83,7 @@ export class Widget {
         const retryable = err.kind === 'network' || err.kind === 'unavailable'
         if (retryable && attempt < CONFIG_RETRIES) {
           await this.sleep(Math.max(err.retryAfter * 1000, 500 * 2 ** attempt))
+          if (this.destroyed) return
           continue
         }
         fail(err.kind === 'network'
@@ -248,19 +249,18 @@ export class Widget {
         break
       } catch (err) {
         if (this.destroyed) return
+        if (!turn.signal.aborted && !answer && attempt < (RETRIES[err.kind] || 0)) {
+          // Jitter spreads the retries of many visitors; never sooner than Retry-After.
+          const seconds = Math.max(err.retryAfter, 2 ** attempt * (0.8 + Math.random() * 0.4))
+          this.setStatus(say(this.words[`${err.kind}_retry`], { n: Math.ceil(seconds) }), true)
+          await this.sleep(seconds * 1000, turn.signal)
+          if (this.destroyed) return
+          if (!turn.signal.aborted) continue
+        }
         if (turn.signal.aborted) {
           note = 'stopped'
           this.setStatus(this.words.stopped)
           this.emit('answer', { text: answer, stopped: true })
-          break
-        }
-        if (!answer && attempt < (RETRIES[err.kind] || 0)) {
-          const seconds = Math.max(err.retryAfter, 2 ** attempt) * (0.8 + Math.random() * 0.4)
-          this.setStatus(say(this.words[`${err.kind}_retry`], { n: Math.ceil(seconds) }), true)
-          await this.sleep(seconds * 1000, turn.signal)
-          if (!turn.signal.aborted) continue
-          note = 'stopped'
-          this.setStatus(this.words.stopped)
           break
         }
         note = answer ? 'cut' : ''
