@@ -1,7 +1,8 @@
-"""`python -m cmp [serve|migrate|rotate-signing-key]`."""
+"""`python -m cmp [serve|migrate|rotate-signing-key|create-user]`."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 
@@ -9,10 +10,31 @@ import asyncpg
 import redis.asyncio as aioredis
 import uvicorn
 
+from cmp import identity
 from cmp.app import build_app
 from cmp.config import CmpConfig, ConfigError
+from cmp.errors import CmpError
 from cmp.migrate import migrate
 from cmp.signing import rotate_signing_key
+
+
+async def _create_user(config: CmpConfig, args: argparse.Namespace) -> None:
+    conn = await asyncpg.connect(config.database_url)
+    try:
+        await migrate(conn)
+        async with conn.transaction():
+            user_id = await identity.create_user(
+                conn, email=args.email, name=args.name, is_staff=args.staff
+            )
+            if args.org:
+                org_id = await identity.create_organisation(
+                    conn, name=args.org, kind=args.kind, owner=user_id
+                )
+                print(f"organisation {org_id} ({args.kind}), owner {args.email}")
+            issued = await identity.create_token(conn, user_id, name="cli")
+        print(f"user {user_id}; token (shown once): {issued.token}")
+    finally:
+        await conn.close()
 
 
 async def _with_conn(config: CmpConfig, command: str) -> None:
@@ -32,8 +54,24 @@ async def _with_conn(config: CmpConfig, command: str) -> None:
         await conn.close()
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cmp", description="Site Kit control plane")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the API (the default)")
+    commands.add_parser("migrate", help="apply pending SQL migrations")
+    commands.add_parser("rotate-signing-key", help="add a new signing key for API keys")
+    user = commands.add_parser("create-user", help="create a user and print a token")
+    user.add_argument("--email", required=True)
+    user.add_argument("--name", default="")
+    user.add_argument("--staff", action="store_true", help="platform staff")
+    user.add_argument("--org", help="also create an organisation with this name, owned by them")
+    user.add_argument("--kind", default="customer", choices=identity.ORG_KINDS)
+    return parser
+
+
 def main(argv: list[str]) -> int:
-    command = argv[0] if argv else "serve"
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
     try:
         config = CmpConfig.from_env()
     except ConfigError as exc:
@@ -45,11 +83,15 @@ def main(argv: list[str]) -> int:
             loop="uvloop", http="httptools", log_level="warning", lifespan="on",
         )
         return 0
-    if command in ("migrate", "rotate-signing-key"):
-        asyncio.run(_with_conn(config, command))
-        return 0
-    print(f"cmp: unknown command {command!r} (serve, migrate, rotate-signing-key)", file=sys.stderr)
-    return 2
+    try:
+        if command == "create-user":
+            asyncio.run(_create_user(config, args))
+        else:
+            asyncio.run(_with_conn(config, command))
+    except CmpError as exc:
+        print(f"cmp: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,13 +58,13 @@ def normalise_origin(origin: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
-_COLUMNS = (
+KEY_COLUMNS = (
     "key_id::text, tenant_id::text, agent_id::text, kind, prefix, origins,"
     " created_at, expires_at, revoked_at"
 )
 
 
-def _key(row: asyncpg.Record) -> ApiKey:
+def key_from_row(row: asyncpg.Record) -> ApiKey:
     return ApiKey(
         key_id=row["key_id"], tenant_id=row["tenant_id"], agent_id=row["agent_id"],
         kind=row["kind"], prefix=row["prefix"], origins=tuple(row["origins"]),
@@ -113,21 +113,21 @@ async def issue_key(
     token = signer.sign(claims)
     row = await conn.fetchrow(
         "INSERT INTO api_keys (key_id, tenant_id, agent_id, kind, prefix, origins, expires_at)"
-        f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+        f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}",
         uuid.UUID(key_id), uuid.UUID(tenant_id), uuid.UUID(agent_id), kind,
         token[-6:], list(clean_origins), expires_at,
     )
     assert row is not None
-    return IssuedKey(_key(row), token)
+    return IssuedKey(key_from_row(row), token)
 
 
 async def list_keys(conn: asyncpg.Connection, tenant_id: str, agent_id: str) -> list[ApiKey]:
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND agent_id = $2"
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND agent_id = $2"
         " ORDER BY created_at, key_id",
         uuid.UUID(tenant_id), uuid.UUID(agent_id),
     )
-    return [_key(r) for r in rows]
+    return [key_from_row(r) for r in rows]
 
 
 async def revoke_key(
@@ -140,7 +140,7 @@ async def revoke_key(
     except ValueError:
         raise NotFound(f"no API key {key_id!r}") from None
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = $1 AND tenant_id = $2",
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND tenant_id = $2",
         key_uuid, uuid.UUID(tenant_id),
     )
     if row is None:
@@ -148,11 +148,11 @@ async def revoke_key(
     await announce_revocations(redis, [key_id])
     row = await conn.fetchrow(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())"
-        f" WHERE key_id = $1 AND tenant_id = $2 RETURNING {_COLUMNS}",
+        f" WHERE key_id = $1 AND tenant_id = $2 RETURNING {KEY_COLUMNS}",
         key_uuid, uuid.UUID(tenant_id),
     )
     assert row is not None
-    return _key(row)
+    return key_from_row(row)
 
 
 async def announce_revocations(redis: aioredis.Redis, key_ids: list[str]) -> None:

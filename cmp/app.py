@@ -1,5 +1,5 @@
-"""The CMP's HTTP app. This slice serves what the gateways need: the JWKS and the internal
-registry endpoint they fall back to when an entry is missing from Redis."""
+"""The CMP's HTTP app: the REST API (`cmp.api`), its OpenAPI document, and what the gateways
+need: the JWKS and the internal registry endpoint they fall back to on a Redis miss."""
 
 from __future__ import annotations
 
@@ -13,32 +13,51 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cmp import wire
+from cmp.api.openapi import build_document
+from cmp.api.operation import Services, error_response, json_response, route
+from cmp.api.routes import OPERATIONS
 from cmp.apikeys import sync_revocations
 from cmp.config import CmpConfig
-from cmp.errors import CmpError
+from cmp.errors import CmpError, NotFound
 from cmp.migrate import migrate
+from cmp.provisioning import Provisioner
 from cmp.registry import load_instance, republish_all
 from cmp.signing import active_signing_key, jwks
 
 log = logging.getLogger("sitekit.cmp")
 
 
-def error_response(exc: CmpError) -> JSONResponse:
-    body: dict[str, object] = {"code": exc.code, "message": exc.message}
-    if exc.fields:
-        body["fields"] = exc.fields
-    return JSONResponse({"error": body}, status_code=exc.status)
+class MethodNotAllowed(CmpError):
+    status = 405
+    code = "method_not_allowed"
 
 
-async def _keep_redis_in_sync(pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 answer in the API's error shape too."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed here"),
+                              dict(exc.headers or {}))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no such path {request.url.path}"))
+    error = CmpError(str(exc.detail))
+    error.status = exc.status_code
+    error.code = "http_error"
+    return error_response(error)
+
+
+async def _keep_redis_in_sync(
+    pool: asyncpg.Pool, redis: aioredis.Redis, stopping: asyncio.Event
+) -> None:
     """Publish every registry entry and revocation again whenever Redis has lost them (a
     restart without persistence), checked every second through a marker key."""
-    while True:
+    while not stopping.is_set():
         try:
             if not await redis.exists(wire.SYNCED_MARKER):
                 async with pool.acquire() as conn:
@@ -48,7 +67,8 @@ async def _keep_redis_in_sync(pool: asyncpg.Pool, redis: aioredis.Redis) -> None
                 log.info("published %d registry entries and %d revocations", entries, revoked)
         except (CmpError, RedisError, OSError) as exc:
             log.warning("cannot sync Redis yet: %s", exc)
-        await asyncio.sleep(1.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 1.0)
 
 
 def build_app(config: CmpConfig) -> Starlette:
@@ -61,12 +81,24 @@ def build_app(config: CmpConfig) -> Starlette:
             await active_signing_key(conn)
         app.state.pool = pool
         app.state.redis = redis
-        reconciler = asyncio.create_task(_keep_redis_in_sync(pool, redis))
+        provisioner = Provisioner(config, pool, redis)
+        app.state.services = Services(
+            config=config, pool=pool, redis=redis, provisioner=provisioner
+        )
+        # Background loops end when `stopping` is set, and are cancelled too: a client library
+        # that swallows a cancellation mid-call must not keep the process from stopping.
+        stopping = asyncio.Event()
+        tasks = [
+            asyncio.create_task(_keep_redis_in_sync(pool, redis, stopping)),
+            asyncio.create_task(provisioner.run(stopping)),
+        ]
         try:
             yield
         finally:
-            reconciler.cancel()
-            await asyncio.gather(reconciler, return_exceptions=True)
+            stopping.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=10)
             await redis.aclose()
             await pool.close()
 
@@ -94,11 +126,23 @@ def build_app(config: CmpConfig) -> Starlette:
             return error_response(exc)
         return JSONResponse(instance.registry_entry())
 
+    document = build_document(OPERATIONS, title="Site Kit control plane", version="1")
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document)
+
+    def services_of(request: Request) -> Services:
+        services: Services = request.app.state.services
+        return services
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
+            Route("/openapi.json", openapi),
             Route("/.well-known/jwks.json", jwks_endpoint),
             Route("/internal/registry/{agent_id}", registry_entry),
+            *(route(op, services_of) for op in OPERATIONS),
         ],
+        exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

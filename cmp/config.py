@@ -11,14 +11,17 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,20 @@ class CmpConfig:
     service_token: str
     host: str = "127.0.0.1"
     port: int = 8081
+    # The runtime that provisioning deploys flows to, and the URL gateways reach it by.
+    runtime_url: str = "http://127.0.0.1:8090"
+    runtime_token: str = ""
+    # The marketplace's order-approved webhook signs its body with this secret (HMAC-SHA256).
+    webhook_secret: str = ""
+    # OpenAI-compatible embeddings for training documents (the mock LLM in dev).
+    embeddings_url: str = "http://127.0.0.1:8091/v1"
+    embeddings_api_key: str = "sk-mock"
+    embeddings_model: str = "text-embedding-mock"
+    max_body_bytes: int = 2 * 1024 * 1024
+    # Provisioning: attempts before a config is marked failed, and the first retry delay.
+    provision_attempts: int = 8
+    provision_backoff_s: float = 0.5
+    provision_max_backoff_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> CmpConfig:
@@ -37,12 +54,24 @@ class CmpConfig:
         ]
         if missing:
             raise ConfigError(f"missing setting(s): {', '.join(missing)}")
-        port = _int(env, "CMP_PORT", 8081)
+        try:
+            backoff = float(env.get("CMP_PROVISION_BACKOFF_S") or 0.5)
+        except ValueError:
+            raise ConfigError("CMP_PROVISION_BACKOFF_S must be a number of seconds") from None
         return cls(
             database_url=env["CMP_DATABASE_URL"],
             redis_url=env.get("CMP_REDIS_URL", "redis://127.0.0.1:6379/0"),
             issuer=env.get("CMP_ISSUER", "sitekit-cmp"),
             service_token=env["CMP_SERVICE_TOKEN"],
             host=env.get("CMP_HOST", "127.0.0.1"),
-            port=port,
+            port=_int(env, "CMP_PORT", 8081, 1),
+            runtime_url=env.get("CMP_RUNTIME_URL", "http://127.0.0.1:8090").rstrip("/"),
+            runtime_token=env.get("CMP_RUNTIME_TOKEN", ""),
+            webhook_secret=env.get("CMP_WEBHOOK_SECRET", ""),
+            embeddings_url=env.get("CMP_EMBEDDINGS_URL", "http://127.0.0.1:8091/v1").rstrip("/"),
+            embeddings_api_key=env.get("CMP_EMBEDDINGS_API_KEY", "sk-mock"),
+            embeddings_model=env.get("CMP_EMBEDDINGS_MODEL", "text-embedding-mock"),
+            max_body_bytes=_int(env, "CMP_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),
+            provision_attempts=_int(env, "CMP_PROVISION_ATTEMPTS", 8, 1),
+            provision_backoff_s=backoff,
         )

@@ -1,5 +1,6 @@
-"""The demo marketplace: two tenants, each with one agent instance of the demo flow, a secret
-key and a publishable key for its demo page's origin. Written to `.stack/demo.json`."""
+"""The demo marketplace: a seller with the demo flow published, and two buyers (tenants), each
+with a provisioned instance, a secret key and a publishable key for its demo page's origin.
+Written to `.stack/demo.json`. `create_tenant_agent` is the tests' shortcut to a tenant."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from cmp.apikeys import issue_key
 from cmp.errors import NotFound
 from cmp.registry import AgentInstance, load_instance, publish_entry, save_instance
+from devstack.marketplace import CmpClient, approve_order, create_owner
 from devstack.stack import Stack
 from runtime.client import RuntimeClient
 
@@ -60,33 +62,70 @@ async def create_tenant_agent(
     }
 
 
-async def seed_demo(stack: Stack) -> dict[str, Any]:
-    """Seed once; a second `make up` finds the same demo in the same data and reuses it."""
-    demo_path = stack.root / "demo.json"
-    await deploy_flow(stack.runtime_url, stack.secrets.runtime_token, DEMO_FLOW_ID,
-                      orjson.loads(DEMO_FLOW.read_bytes()), 1)
+async def _demo_is_there(stack: Stack, demo: dict[str, Any]) -> bool:
+    """The demo of an earlier `make up` on the same data: reuse it."""
+    if "provider" not in demo:
+        return False
     conn = await asyncpg.connect(stack.database_url)
-    redis = aioredis.from_url(stack.redis_url)
     try:
-        if demo_path.exists():
-            demo: dict[str, Any] = orjson.loads(demo_path.read_bytes())
-            try:
-                for tenant in demo["tenants"]:
-                    await load_instance(conn, tenant["agent_id"], tenant["tenant_id"])
-                return demo
-            except NotFound:
-                pass
-        tenants = [
-            await create_tenant_agent(conn, redis, stack, name=name, origin=origin)
-            for name, origin in DEMO_TENANTS
-        ]
+        for tenant in demo["tenants"]:
+            await load_instance(conn, tenant["agent_id"], tenant["tenant_id"])
+    except NotFound:
+        return False
     finally:
-        await redis.aclose()
         await conn.close()
+    return True
+
+
+async def seed_demo(stack: Stack) -> dict[str, Any]:
+    """Seed through the CMP's API as its users would: a seller publishes the demo flow; two
+    buyers order it, the marketplace approves, the CMP provisions, the buyers set their
+    origins and create keys. A second `make up` finds the same demo and reuses it."""
+    demo_path = stack.root / "demo.json"
+    if demo_path.exists():
+        earlier: dict[str, Any] = orjson.loads(demo_path.read_bytes())
+        if await _demo_is_there(stack, earlier):
+            return earlier
+    run = uuid.uuid4().hex[:6]
+    provider = await create_owner(stack.database_url, f"seller-{run}@demo.sitekit.test",
+                                  "Demo Agents Ltd", "provider")
+    async with CmpClient(stack.cmp_url, provider["cmp_token"]) as seller:
+        agent = await seller.publish_agent(
+            provider["org_id"], "Site assistant", orjson.loads(DEMO_FLOW.read_bytes()),
+            description="Answers your visitors' questions, day and night.",
+        )
+    tenants = []
+    for name, origin in DEMO_TENANTS:
+        slug = name.split()[0].lower()
+        owner = await create_owner(stack.database_url, f"owner-{run}@{slug}.demo.sitekit.test",
+                                   name, "customer")
+        async with CmpClient(stack.cmp_url, owner["cmp_token"]) as buyer:
+            placed = await buyer.order(owner["org_id"], agent["provider_agent_id"])
+            approved = await approve_order(stack.cmp_url, stack.secrets.webhook_secret,
+                                           placed["order_id"])
+            agent_id = approved["agent_id"]
+            await buyer.wait_active(agent_id)
+            await buyer.configure(
+                agent_id, display_name=f"{name} assistant", allowed_origins=[origin],
+                greeting=f"Hi! I am the {name} assistant. How can I help?",
+                starter_prompts=["What can you do?", "Tell me about your products"],
+                theme={"accent": "#2563eb"},
+            )
+            secret = await buyer.create_key(agent_id, "secret")
+            publishable = await buyer.create_key(agent_id, "publishable", [origin])
+        tenants.append({
+            "tenant_id": owner["org_id"], "agent_id": agent_id, "name": name,
+            "secret_key": secret["token"], "secret_key_id": secret["key_id"],
+            "publishable_key": publishable["token"], "publishable_key_id": publishable["key_id"],
+            "allowed_origin": origin, "cmp_token": owner["cmp_token"],
+        })
     demo = {
         "gateway_url": stack.gateway_url,
         "cmp_url": stack.cmp_url,
         "jwks_url": stack.jwks_url,
+        "provider": {"org_id": provider["org_id"], "email": provider["email"],
+                     "provider_agent_id": agent["provider_agent_id"],
+                     "cmp_token": provider["cmp_token"]},
         "tenants": tenants,
     }
     demo_path.write_bytes(orjson.dumps(demo, option=orjson.OPT_INDENT_2))

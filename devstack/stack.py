@@ -40,18 +40,19 @@ class Ports:
 class Secrets:
     runtime_token: str
     cmp_token: str
+    webhook_secret: str
 
     @classmethod
     def load_or_create(cls, path: Path) -> Secrets:
-        if path.exists():
-            raw = orjson.loads(path.read_bytes())
-            return cls(raw["runtime_token"], raw["cmp_token"])
-        made = cls(secrets.token_urlsafe(24), secrets.token_urlsafe(24))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(orjson.dumps({"runtime_token": made.runtime_token,
-                                       "cmp_token": made.cmp_token}))
-        path.chmod(0o600)
-        return made
+        """Reuse the secrets of an earlier `make up`; any one missing is made and kept."""
+        raw: dict[str, str] = orjson.loads(path.read_bytes()) if path.exists() else {}
+        values = {name: raw.get(name) or secrets.token_urlsafe(24)
+                  for name in cls.__dataclass_fields__}
+        if values != raw:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(orjson.dumps(values))
+            path.chmod(0o600)
+        return cls(**values)
 
 
 @dataclass
@@ -188,6 +189,10 @@ class Stack:
                 "CMP_REDIS_URL": self.redis_url,
                 "CMP_SERVICE_TOKEN": s.cmp_token,
                 "CMP_ISSUER": self.settings.issuer,
+                "CMP_RUNTIME_URL": self.runtime_url,
+                "CMP_RUNTIME_TOKEN": s.runtime_token,
+                "CMP_WEBHOOK_SECRET": s.webhook_secret,
+                "CMP_EMBEDDINGS_URL": self.llm_url,
             })
         if name == "gateway":
             return services.python_service("gateway", "gateway", p.gateway, logs, {

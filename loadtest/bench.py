@@ -4,10 +4,11 @@ Starts what `loadtest.bench_stack` describes (a minimal real stack, the canned r
 that does no work, and one gateway worker under each ASGI server, all on loopback; the gateways
 and the relay on core 0, this load generator and everything else on core 1), measures each
 server with `loadtest.bench_gateway`, profiles the first one with py-spy, then merges the
-runtime's own benchmark (`loadtest.bench_runtime`). Prints one JSON object on stdout and its
-progress on stderr; about four minutes.
+runtime's and the CMP's own benchmarks (`loadtest.bench_runtime`, `loadtest.bench_cmp`).
+Prints one JSON object on stdout and its progress on stderr; about eight minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,granian] [--no-runtime]
+                                       [--no-cmp]
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def options() -> argparse.Namespace:
     for flag, kind, default, text in OPTIONS:
         parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--no-runtime", action="store_true", help="skip bench_runtime")
+    parser.add_argument("--no-cmp", action="store_true", help="skip bench_cmp")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench")
     args = parser.parse_args()
     if args.quick:
@@ -160,22 +162,35 @@ def top_costs(count: int = 20) -> dict[str, Any]:
         for kind, counter in (("self_by_function", functions), ("self_by_module", modules))}}
 
 
-def runtime_bench(errors: list[str]) -> dict[str, Any]:
-    if not (ROOT / "loadtest" / "bench_runtime.py").exists():
-        errors.append("runtime: loadtest/bench_runtime.py is not there yet")
-        return {}
-    progress("runtime: python -m loadtest.bench_runtime")
+def sub_bench(name: str, module: str, errors: list[str], timeout: float = 600) -> dict[str, Any]:
+    """Another benchmark script of this folder, run on its own; its JSON is merged."""
+    progress(f"{name}: python -m {module}")
     try:
-        done = subprocess.run([sys.executable, "-m", "loadtest.bench_runtime"], cwd=ROOT,
-                              capture_output=True, timeout=300, check=False)
-        found: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, "-m", module], cwd=ROOT,
+                              capture_output=True, timeout=timeout, check=False)
+        out = done.stdout.strip()
+        # The JSON object is the whole output, or its last line after the script's own lines.
+        found: dict[str, Any] = orjson.loads(out if out.startswith(b"{") else
+                                             out.splitlines()[-1] if out else b"")
         return found
     except subprocess.TimeoutExpired:
-        errors.append("runtime: bench_runtime took longer than 300 s")
-    except (IndexError, orjson.JSONDecodeError):
+        errors.append(f"{name}: {module} took longer than {timeout:.0f} s")
+    except orjson.JSONDecodeError:
         tail = done.stderr.decode(errors="replace")[-400:]
-        errors.append(f"runtime: bench_runtime exited {done.returncode}: {tail}")
+        errors.append(f"{name}: {module} exited {done.returncode}: {tail}")
     return {}
+
+
+def cmp_summary(found: dict[str, Any]) -> dict[str, Any]:
+    """The CMP's headline figures: each list's p99 on its first and deepest page timed."""
+    lists = found.get("cmp_lists", {})
+    p99 = {
+        name: {page: timing["p99_ms"] for page, timing in pages.items()}
+        for name, pages in lists.items() if name != "rows"
+    }
+    journey = found.get("cmp_webhook_to_first_token", {})
+    return {"cmp_list_p99_ms": p99, "cmp_rows": lists.get("rows"),
+            "cmp_webhook_to_first_token_ms": journey.get("median_first_token_ms")}
 
 
 def server_summary(found: dict[str, Any]) -> dict[str, Any]:
@@ -293,8 +308,11 @@ def main() -> int:
                                   / (os.cpu_count() or 1), 2)
     for server, found in servers.items():
         errors += phase_errors(server, found)
-    runtime = {} if args.no_runtime else runtime_bench(errors)
+    runtime = {} if args.no_runtime else sub_bench("runtime", "loadtest.bench_runtime", errors)
+    cmp = {} if args.no_cmp else sub_bench("cmp", "loadtest.bench_cmp", errors, 900)
     found = report(servers, runtime, errors, args, time.monotonic() - started)
+    found.update(cmp_summary(cmp))
+    found["cmp"] = cmp or None
     os.write(stdout, orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
     return 0 if servers else 1
 

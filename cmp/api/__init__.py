@@ -1,0 +1,1 @@
+"""The CMP's REST API: one module per resource, each a list of `Operation`s."""
