@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+WIDGET := widget/dist/widget.js
 
-.PHONY: up test lint bench load system-deps clean
+.PHONY: up test lint bench load system-deps widget clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -14,20 +15,36 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' >&2
 	@rm -f $(VENV)/.installed-* && touch $@
 
+# Debian packages: redis-server for the stack, node and npm to build the widget, chromium for
+# the widget's browser tests.
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  echo "Installing redis-server (Debian package) ..." >&2; \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -z "$$missing" ] || { \
+	  echo "Installing$$missing (Debian packages) ..." >&2; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
-up: system-deps $(STAMP)
+widget/node_modules/.package-lock.json: widget/package-lock.json
+	@echo "Installing the widget's build tools (npm ci) ..." >&2
+	@cd widget && npm ci --no-audit --no-fund --loglevel=error >&2
+
+# The build prints the bundle's size and fails over 12 KB gzipped.
+$(WIDGET): widget/node_modules/.package-lock.json widget/build.mjs $(wildcard widget/src/*.js)
+	@cd widget && node build.mjs >&2
+
+widget: $(WIDGET)
+
+up: system-deps $(STAMP) $(WIDGET)
 	@$(PY) -m devstack up
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: system-deps $(STAMP) lint
+test: system-deps $(STAMP) $(WIDGET) lint
 	$(PY) -m pytest
 
 bench: system-deps $(STAMP)
@@ -37,4 +54,4 @@ load: system-deps $(STAMP)
 	@$(PY) -m loadtest.load
 
 clean:
-	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache widget/dist

@@ -7,9 +7,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from devstack.procs import StackError
-from devstack.seed import seed_demo
+from devstack.demo_page import serve_demo
+from devstack.procs import StackError, port_is_free
+from devstack.seed import DEMO_TENANTS, seed_demo
 from devstack.stack import Ports, Stack, StackSettings, run_coroutine
 
 
@@ -37,16 +39,20 @@ def up(root: Path) -> int:
                   progress=_print)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    demo_port = urlsplit(DEMO_TENANTS[0][1]).port
+    if demo_port is not None and not port_is_free(demo_port):
+        raise StackError(f"port {demo_port} (the demo page, {DEMO_TENANTS[0][1]}) is in use")
     _print(f"Site Kit: starting the stack (data in {root})")
     try:
         stack.start()
         _print("  seeding the demo ...")
         demo = run_coroutine(seed_demo(stack))
+        first = demo["tenants"][0]
+        demo_page = serve_demo(stack.gateway_url, first)
     except BaseException as exc:  # noqa: BLE001 - Ctrl-C or any failure stops the whole stack
         _print(f"\nstart failed: {exc}")
         stack.stop()
         return 1
-    first = demo["tenants"][0]
     _print(f"""
 Site Kit is up.
   gateway   {stack.gateway_url}   (metrics {stack.gateway_url}/metrics)
@@ -54,6 +60,7 @@ Site Kit is up.
   runtime   {stack.runtime_url}   mock LLM {stack.llm_url}
   redis     {stack.redis_url}   kafka {stack.kafka_bootstrap}
   demo      {root / 'demo.json'}   logs {root / 'logs'}
+  widget    {demo_page.origin}/   (a demo page of {first['name']} with the chat widget)
 
 Stream an answer:
   curl -N {stack.gateway_url}/v1/agents/{first['agent_id']}/chat \\
@@ -71,6 +78,7 @@ Ctrl-C stops everything.""")
     except KeyboardInterrupt:
         pass
     _print("\nstopping ...")
+    demo_page.stop()
     stack.stop()
     _print("stopped.")
     return 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gateway.audit import AuditLog
 from gateway.changes import RevokedKeys
-from gateway.errors import Forbidden, InvalidKey
+from gateway.errors import Forbidden, GatewayError, InvalidKey
 from gateway.keys import KeyClaims, KeyVerifier
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryCache, RegistryEntry
@@ -107,6 +107,24 @@ class Gatekeeper:
         elif publishable_only:
             raise Refused("wrong_key_type", "this endpoint takes a publishable key", detail)
         return Access(key, agent, origin)
+
+
+    async def refusal_cors(
+        self, agent_id: str, origin: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
+        """CORS headers for a refusal seen from one of the agent's own origins, so the widget
+        there can read why (a revoked key, a suspended agent) rather than see a network error.
+        Other origins get none: the browser hides the answer from them, as before."""
+        if origin is None:
+            return []
+        text = origin.decode("latin-1")
+        try:
+            agent = await self._registry.resolve(agent_id)
+        except GatewayError:
+            return []
+        if agent is None or text not in agent.allowed_origins:
+            return []
+        return cors_headers(text)
 
 
 class Refused(Forbidden):

@@ -21,12 +21,14 @@ class AgentConfigEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
         headers = RequestHeaders.scan(scope["headers"])
+        agent_id: str = scope["path_params"]["agent_id"]
         try:
             access = await self._gatekeeper.admit(
-                headers, scope["path_params"]["agent_id"], request_id, publishable_only=True
+                headers, agent_id, request_id, publishable_only=True
             )
         except GatewayError as exc:
-            await send_error(send, exc, request_id, [])
+            cors = await self._gatekeeper.refusal_cors(agent_id, headers.origin)
+            await send_error(send, exc, request_id, cors)
             return
         widget = access.agent.widget
         body = orjson.dumps({

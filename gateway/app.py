@@ -34,6 +34,7 @@ from gateway.relay import Relay
 from gateway.responses import Receive, Scope, Send
 from gateway.upstream import UpstreamPool, UpstreamSettings
 from gateway.usage import UsageEmitter
+from gateway.widget_bundle import WidgetBundle, WidgetEndpoint
 from ratelimit.limiter import BucketLimiter
 
 log = logging.getLogger("sitekit.gateway")
@@ -61,6 +62,7 @@ def build_app(config: GatewayConfig) -> Front:
     metrics = GatewayMetrics()
     chat, agent_config, preflight = Deferred(), Deferred(), Deferred()
     state: dict[str, Readiness] = {}
+    widget = WidgetBundle.read(config.widget_bundle)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -156,6 +158,10 @@ def build_app(config: GatewayConfig) -> Front:
             Route("/v1/agents/{agent_id}/config", agent_config, methods=["GET"]),
             Route("/v1/agents/{agent_id}/chat", preflight, methods=["OPTIONS"]),
             Route("/v1/agents/{agent_id}/config", preflight, methods=["OPTIONS"]),
+            Route("/widget.js", WidgetEndpoint(widget), methods=["GET"]),
+            Route("/widget/{version}/widget.js", WidgetEndpoint(widget, versioned=True),
+                  methods=["GET"]),
+            Route("/widget.json", WidgetEndpoint(widget, manifest=True), methods=["GET"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from gateway.access import Gatekeeper, RequestHeaders, cors_headers
+from gateway.access import Access, Gatekeeper, RequestHeaders, cors_headers
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -54,10 +54,10 @@ class ChatEndpoint:
         request_id: str = scope["state"]["request_id"]
         headers = RequestHeaders.scan(scope["headers"])
         extra: Headers = [(b"x-request-id", request_id.encode())]
+        agent_id: str = scope["path_params"]["agent_id"]
+        access: Access | None = None
         try:
-            access = await self._gatekeeper.admit(
-                headers, scope["path_params"]["agent_id"], request_id
-            )
+            access = await self._gatekeeper.admit(headers, agent_id, request_id)
             extra += cors_headers(access.origin)
             body = await self._read_body(headers, receive)
             chat = self._parse(body)
@@ -84,6 +84,8 @@ class ChatEndpoint:
                     headers=[(b"retry-after", str(decision.retry_after_seconds).encode())],
                 )
         except GatewayError as exc:
+            if access is None:
+                extra += await self._gatekeeper.refusal_cors(agent_id, headers.origin)
             await send_error(send, exc, request_id, extra)
             return exc.status
         streamed = headers.accept is not None and b"text/event-stream" in headers.accept

@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# The bundle `make` builds in this checkout; a deployment points GATEWAY_WIDGET_BUNDLE elsewhere.
+DEFAULT_WIDGET_BUNDLE = Path(__file__).resolve().parent.parent / "widget" / "dist" / "widget.js"
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
@@ -56,6 +59,7 @@ class GatewayConfig:
     drain_timeout_s: float = 10.0
     max_body_bytes: int = 32 * 1024
     max_message_chars: int = 8_000
+    widget_bundle: Path = DEFAULT_WIDGET_BUNDLE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -84,4 +88,5 @@ class GatewayConfig:
             run_timeout_s=_number(env, "GATEWAY_RUN_TIMEOUT_S", 120.0, minimum=1),
             drain_timeout_s=_number(env, "GATEWAY_DRAIN_TIMEOUT_S", 10.0),
             max_body_bytes=int(_number(env, "GATEWAY_MAX_BODY_BYTES", 32 * 1024, minimum=64)),
+            widget_bundle=Path(env.get("GATEWAY_WIDGET_BUNDLE") or DEFAULT_WIDGET_BUNDLE),
         )

@@ -4,6 +4,7 @@
     ├── InvalidRequest        400 invalid_request
     ├── InvalidKey            401 invalid_key
     ├── Forbidden             403 forbidden
+    ├── NotFound              404 not_found
     ├── PayloadTooLarge       413 payload_too_large
     ├── UnsupportedMediaType  415 unsupported_media_type
     ├── RateLimited           429 rate_limited
@@ -45,6 +46,11 @@ class InvalidKey(GatewayError):
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
 
 
 class PayloadTooLarge(GatewayError):

@@ -18,8 +18,10 @@ def route_of(path: str) -> str:
         if path.endswith("/config"):
             return "config"
         return "other"
-    if path in ("/healthz", "/readyz", "/metrics", "/widget.js"):
+    if path in ("/healthz", "/readyz", "/metrics", "/widget.js", "/widget.json"):
         return path[1:]
+    if path.startswith("/widget/"):
+        return "widget.js"
     return "other"
 
 
