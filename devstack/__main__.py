@@ -68,6 +68,10 @@ Stream an answer:
     -H 'Content-Type: application/json' -H 'Accept: text/event-stream' \\
     -d '{{"message": "Hello there"}}'
 
+Call the CMP as {first['name']}'s owner (API described at {stack.cmp_url}/openapi.json):
+  curl {stack.cmp_url}/api/customer-agent-configs \
+    -H 'Authorization: Bearer {first['cmp_token']}'
+
 Ctrl-C stops everything.""")
     try:
         while not stopping.wait(1.0):
