@@ -69,7 +69,7 @@ Stream an answer:
     -d '{{"message": "Hello there"}}'
 
 Call the CMP as {first['name']}'s owner (API described at {stack.cmp_url}/openapi.json):
-  curl {stack.cmp_url}/api/customer-agent-configs \
+  curl {stack.cmp_url}/api/customer-agent-configs \\
     -H 'Authorization: Bearer {first['cmp_token']}'
 
 Ctrl-C stops everything.""")
