@@ -14,7 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from cmp.api.fields import Body, Name, Query, Text
 from cmp.api.operation import Call, Operation, Reply
-from cmp.api.pages import Page
+from cmp.api.pages import FIRST_ID, Page
 from cmp.errors import Conflict, Forbidden, InvalidInput, NotFound
 from cmp.flows import ValidatedFlow, validate_flow
 from cmp.ids import uuid7
@@ -209,13 +209,14 @@ async def list_provider_agents(call: Call) -> Page[ProviderAgent]:
     page = call.page
     assert page is not None
     wanted: ProviderAgentFilter = call.query
+    # One index range (org_id, provider_agent_id) per organisation, merged, as in every list.
     rows = await call.conn.fetch(
-        f"SELECT {AGENT_COLUMNS} FROM provider_agents WHERE org_id = ANY($1::uuid[])"
-        " AND ($2::uuid IS NULL OR org_id = $2) AND ($3::boolean IS NULL OR published = $3)"
-        " AND ($4::uuid IS NULL OR provider_agent_id > $4)"
-        " ORDER BY provider_agent_id LIMIT $5",
-        call.caller.org_ids("member"), wanted.org_id, wanted.published,
-        page.after[0] if page.after else None, page.limit + 1,
+        "SELECT a.* FROM unnest($1::uuid[]) AS t(org_id) CROSS JOIN LATERAL ("
+        f" SELECT {AGENT_COLUMNS} FROM provider_agents WHERE org_id = t.org_id"
+        "  AND ($2::boolean IS NULL OR published = $2) AND provider_agent_id > $3"
+        "  ORDER BY provider_agent_id LIMIT $4) a ORDER BY a.provider_agent_id LIMIT $4",
+        [org for org in call.caller.org_ids("member") if wanted.org_id in (None, org)],
+        wanted.published, page.after[0] if page.after else FIRST_ID, page.limit + 1,
     )
     agents = [ProviderAgent(**agent_fields(r)) for r in rows]
     return page.page(agents, lambda a: [a.provider_agent_id])
