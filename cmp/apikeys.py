@@ -58,6 +58,17 @@ def normalise_origin(origin: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
+def normalise_origins(raw: list[str] | tuple[str, ...], field: str) -> list[str]:
+    """Each origin normalised, duplicates dropped; a bad one is named as `field.<index>`."""
+    clean: list[str] = []
+    for index, origin in enumerate(raw):
+        try:
+            clean.append(normalise_origin(origin))
+        except InvalidInput as exc:
+            raise InvalidInput(exc.message, fields={f"{field}.{index}": exc.message}) from None
+    return list(dict.fromkeys(clean))
+
+
 KEY_COLUMNS = (
     "key_id::text, tenant_id::text, agent_id::text, kind, prefix, origins,"
     " created_at, expires_at, revoked_at"

@@ -32,10 +32,14 @@ class Caller:
     is_staff: bool
     roles: dict[uuid.UUID, str] = field(default_factory=dict)
 
-    def org_ids(self, at_least: str = "member") -> list[uuid.UUID]:
-        """The organisations where this user holds `at_least` this role."""
+    def org_ids(
+        self, at_least: str = "member", only: uuid.UUID | None = None
+    ) -> list[uuid.UUID]:
+        """The organisations where this user holds `at_least` this role; with `only`, just
+        that one (if it is among them): a list's `org_id` filter."""
         floor = role_rank(at_least)
-        return [org for org, role in self.roles.items() if role_rank(role) >= floor]
+        return [org for org, role in self.roles.items()
+                if role_rank(role) >= floor and only in (None, org)]
 
     def require(self, org_id: uuid.UUID, at_least: str, what: str) -> None:
         """NotFound outside the caller's organisations (existence does not leak); Forbidden

@@ -108,7 +108,6 @@ class Gatekeeper:
             raise Refused("wrong_key_type", "this endpoint takes a publishable key", detail)
         return Access(key, agent, origin)
 
-
     async def refusal_cors(
         self, agent_id: str, origin: bytes | None
     ) -> list[tuple[bytes, bytes]]:

@@ -36,18 +36,11 @@ from cmp.api.pages import encode_cursor
 from devstack.marketplace import CmpClient, approve_order, create_owner
 from devstack.seed import DEMO_FLOW
 from devstack.stack import Ports, Stack, StackSettings
+from loadtest.loadgen import percentiles
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2),
-    }
 
 
 async def bulk_load(database_url: str, org_id: str, provider_agent_id: str, configs: int,

@@ -14,8 +14,8 @@ from cmp.agent_configs import CONFIG_COLUMNS, AgentConfig, load_config, publish_
 from cmp.api.fields import Body, Name, Query
 from cmp.api.operation import Call, Operation
 from cmp.api.pages import FIRST_ID, Page
-from cmp.apikeys import normalise_origin
-from cmp.errors import Conflict, InvalidInput
+from cmp.apikeys import normalise_origins
+from cmp.errors import Conflict
 from cmp.provisioning import queue_provisioning
 
 Status = Literal["pending", "provisioning", "active", "failed", "suspended"]
@@ -91,7 +91,7 @@ async def list_configs(call: Call) -> Page[AgentConfigOut]:
         "  AND ($4::text IS NULL OR CASE WHEN c.suspended THEN 'suspended'"
         "       ELSE c.provisioning END = $4)"
         "  ORDER BY c.agent_id LIMIT $5) c ORDER BY c.agent_id LIMIT $5",
-        [org for org in call.caller.org_ids() if wanted.org_id in (None, org)],
+        call.caller.org_ids(only=wanted.org_id),
         page.after[0] if page.after else FIRST_ID, wanted.provider_agent_id, status,
         page.limit + 1,
     )
@@ -101,17 +101,6 @@ async def list_configs(call: Call) -> Page[AgentConfigOut]:
 async def get_config(call: Call) -> AgentConfigOut:
     agent_id = call.path_id("agent_id", "agent config")
     return _out(await load_config(call.conn, agent_id, call.caller.org_ids()))
-
-
-def _origins(raw: list[str]) -> list[str]:
-    clean: list[str] = []
-    for index, origin in enumerate(raw):
-        try:
-            clean.append(normalise_origin(origin))
-        except InvalidInput as exc:
-            raise InvalidInput(exc.message,
-                               fields={f"allowed_origins.{index}": exc.message}) from None
-    return list(dict.fromkeys(clean))
 
 
 async def update_config(call: Call) -> AgentConfigOut:
@@ -125,7 +114,7 @@ async def update_config(call: Call) -> AgentConfigOut:
     if body.theme is not None:
         changes["theme"] = orjson.dumps(body.theme.model_dump(exclude_none=True)).decode()
     if body.allowed_origins is not None:
-        changes["allowed_origins"] = _origins(body.allowed_origins)
+        changes["allowed_origins"] = normalise_origins(body.allowed_origins, "allowed_origins")
     async with call.conn.transaction():
         config = await load_config(call.conn, agent_id, call.caller.org_ids(), for_update=True)
         call.caller.require(config.row["tenant_id"], "admin", "agent config")

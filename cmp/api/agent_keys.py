@@ -14,7 +14,14 @@ from cmp.agent_configs import load_config
 from cmp.api.fields import Body, Query
 from cmp.api.operation import Call, Operation, Reply
 from cmp.api.pages import FIRST_ID, Page
-from cmp.apikeys import KEY_COLUMNS, ApiKey, issue_key, key_from_row, normalise_origin, revoke_key
+from cmp.apikeys import (
+    KEY_COLUMNS,
+    ApiKey,
+    issue_key,
+    key_from_row,
+    normalise_origins,
+    revoke_key,
+)
 from cmp.errors import Conflict, InvalidInput, NotFound
 
 KeyKind = Literal["secret", "publishable"]
@@ -69,12 +76,7 @@ async def _issue(
     call.caller.require(config.row["tenant_id"], "admin", "agent config")
     if config.row["provisioning"] != "active":
         raise Conflict(f"agent {agent_id} is {config.status}; keys come once it is active")
-    clean: list[str] = []
-    for index, origin in enumerate(origins):
-        try:
-            clean.append(normalise_origin(origin))
-        except InvalidInput as exc:
-            raise InvalidInput(exc.message, fields={f"origins.{index}": exc.message}) from None
+    clean = normalise_origins(origins, "origins")
     allowed = set(config.row["allowed_origins"])
     outside = [origin for origin in clean if origin not in allowed]
     if outside:

@@ -53,7 +53,7 @@ async def list_audit_log(call: Call) -> Page[AuditEntry]:
             wanted.org_id, wanted.action, wanted.object_id, before, page.limit + 1,
         )
     else:
-        owned = [org for org in call.caller.org_ids("owner") if wanted.org_id in (None, org)]
+        owned = call.caller.org_ids("owner", only=wanted.org_id)
         rows = await call.conn.fetch(
             "SELECT a.* FROM unnest($1::uuid[]) AS t(org_id) CROSS JOIN LATERAL ("
             f" SELECT {columns} FROM audit_log WHERE org_id = t.org_id AND {filters}"

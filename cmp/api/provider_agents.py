@@ -215,7 +215,7 @@ async def list_provider_agents(call: Call) -> Page[ProviderAgent]:
         f" SELECT {AGENT_COLUMNS} FROM provider_agents WHERE org_id = t.org_id"
         "  AND ($2::boolean IS NULL OR published = $2) AND provider_agent_id > $3"
         "  ORDER BY provider_agent_id LIMIT $4) a ORDER BY a.provider_agent_id LIMIT $4",
-        [org for org in call.caller.org_ids("member") if wanted.org_id in (None, org)],
+        call.caller.org_ids(only=wanted.org_id),
         wanted.published, page.after[0] if page.after else FIRST_ID, page.limit + 1,
     )
     agents = [ProviderAgent(**agent_fields(r)) for r in rows]

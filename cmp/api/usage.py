@@ -71,7 +71,7 @@ async def instance_usage(call: Call) -> Page[InstanceUsage]:
         "  AND ($6::uuid IS NULL OR agent_id = $6)"
         "  ORDER BY day DESC, agent_id DESC LIMIT $7) u"
         " ORDER BY u.day DESC, u.agent_id DESC LIMIT $7",
-        [org for org in call.caller.org_ids() if wanted.org_id in (None, org)],
+        call.caller.org_ids(only=wanted.org_id),
         after[0], after[1], wanted.since, wanted.until, wanted.agent_id, page.limit + 1,
     )
     return page.page([InstanceUsage(**dict(r)) for r in rows],

@@ -26,11 +26,24 @@ class RuntimeTarget:
     token: str
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "provisions: the CMP deploys to the session stack's runtime"
+    )
+
+
 @pytest.fixture
-def runtime_target() -> RuntimeTarget:
-    """Where provisioning deploys. Nothing listens here; tests that provision override this
-    fixture with the session stack's runtime."""
-    return RuntimeTarget("http://127.0.0.1:9", "no-runtime")
+def runtime_target(request: pytest.FixtureRequest) -> RuntimeTarget:
+    """Where provisioning deploys: the session stack's runtime for tests marked `provisions`
+    (started again if a fault test stopped it), otherwise an address nothing listens on."""
+    if request.node.get_closest_marker("provisions") is None:
+        return RuntimeTarget("http://127.0.0.1:9", "no-runtime")
+    from devstack.stack import Stack
+
+    stack: Stack = request.getfixturevalue("stack")
+    if not stack.process("runtime").running:
+        stack.start_process("runtime")
+    return RuntimeTarget(stack.runtime_url, stack.secrets.runtime_token)
 
 
 @pytest.fixture

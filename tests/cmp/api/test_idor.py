@@ -16,7 +16,7 @@ from cmp.config import CmpConfig
 from devstack.seed import DEMO_FLOW
 from devstack.stack import Stack
 from tests.cmp.api.test_orders import provisioned
-from tests.cmp.conftest import MakeUser, PublishedAgent, RuntimeTarget
+from tests.cmp.conftest import MakeUser, PublishedAgent
 
 # A valid body per operation, so a refusal cannot come from validation instead of isolation.
 BODIES: dict[str, dict[str, Any]] = {
@@ -39,11 +39,7 @@ def cmp_overrides(stack: Stack) -> dict[str, Any]:
     return {"embeddings_url": stack.llm_url}
 
 
-@pytest.fixture
-def runtime_target(stack: Stack) -> RuntimeTarget:
-    if not stack.process("runtime").running:
-        stack.start_process("runtime")
-    return RuntimeTarget(stack.runtime_url, stack.secrets.runtime_token)
+pytestmark = pytest.mark.provisions
 
 
 async def snapshot(database_url: str) -> dict[str, str]:

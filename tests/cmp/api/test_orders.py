@@ -17,14 +17,9 @@ import redis.asyncio as aioredis
 from cmp import wire
 from cmp.api.webhook_signature import sign
 from devstack.stack import Stack
-from tests.cmp.conftest import WEBHOOK_SECRET, MakeUser, PublishedAgent, RuntimeTarget, User
+from tests.cmp.conftest import WEBHOOK_SECRET, MakeUser, PublishedAgent, User
 
-
-@pytest.fixture
-def runtime_target(stack: Stack) -> RuntimeTarget:
-    if not stack.process("runtime").running:
-        stack.start_process("runtime")
-    return RuntimeTarget(stack.runtime_url, stack.secrets.runtime_token)
+pytestmark = pytest.mark.provisions
 
 
 async def deliver(api: httpx.AsyncClient, order_id: Any, delivery_id: str | None = None,

@@ -11,8 +11,10 @@ import orjson
 import pytest
 
 from devstack.seed import DEMO_FLOW
-from tests.cmp.api.test_orders import provisioned, runtime_target  # noqa: F401 - fixture
+from tests.cmp.api.test_orders import provisioned
 from tests.cmp.conftest import MakeUser, PublishedAgent
+
+pytestmark = pytest.mark.provisions
 
 NASTY = [
     "Robert'); DROP TABLE organisations;--",
