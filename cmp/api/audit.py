@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from cmp.api.fields import Name, Query
 from cmp.api.operation import Call, Operation
-from cmp.api.pages import Page
+from cmp.api.pages import Page, bigint
 
 _AFTER_NEWEST = 2**63 - 1  # above every audit id: the bound of a first page
 
@@ -68,5 +68,5 @@ OPERATIONS = [
     Operation("GET", "/api/audit-log",
               "Audit log, newest first (staff: everything; owners: their organisations)",
               list_audit_log, "audit", query=AuditFilter, response=AuditEntry, paged=True,
-              cursor=(int,)),
+              cursor=(bigint,)),
 ]

@@ -32,6 +32,13 @@ def encode_cursor(values: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(list(values), default=str)).decode().rstrip("=")
 
 
+def bigint(value: Any) -> int:
+    """A cursor's integer, within PostgreSQL's bigint (a forged one is refused, not a 500)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+        raise ValueError("not a bigint")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class PageRequest:
     limit: int

@@ -14,7 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from cmp.api.fields import Body, Name, Query, Text
 from cmp.api.operation import Call, Operation, Reply
-from cmp.api.pages import FIRST_ID, Page
+from cmp.api.pages import FIRST_ID, Page, bigint
 from cmp.errors import Conflict, Forbidden, InvalidInput, NotFound
 from cmp.flows import ValidatedFlow, validate_flow
 from cmp.ids import uuid7
@@ -361,7 +361,7 @@ OPERATIONS = [
               create_version, _TAG, body=NewVersion, response=VersionSummary, status=201,
               errors=(403,)),
     Operation("GET", f"{_ONE}/versions", "The agent's versions, oldest first", list_versions,
-              _TAG, response=VersionSummary, paged=True, cursor=(int,)),
+              _TAG, response=VersionSummary, paged=True, cursor=(bigint,)),
     Operation("GET", f"{_ONE}/versions/{{version}}", "One version, with its flow",
               get_version, _TAG, response=Version),
     Operation("POST", f"{_ONE}/publish",

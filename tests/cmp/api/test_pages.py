@@ -50,3 +50,14 @@ async def test_pages_merge_the_callers_organisations_in_id_order(
     bad = await buyer.client.get("/api/customer-agent-configs?limit=101&cursor=bm9wZQ")
     assert bad.status_code == 422
     assert set(bad.json()["error"]["fields"]) == {"limit", "cursor"}
+
+
+async def test_a_forged_cursor_outside_the_column_type_is_refused(make_user: MakeUser) -> None:
+    import base64
+
+    owner = await make_user()
+    for text in (b"[1000000000000000000000000000000]", b'["12"]', b"[true]"):
+        cursor = base64.urlsafe_b64encode(text).decode().rstrip("=")
+        response = await owner.client.get(f"/api/audit-log?cursor={cursor}")
+        assert response.status_code == 422, response.text
+        assert list(response.json()["error"]["fields"]) == ["cursor"]
