@@ -54,10 +54,14 @@ class CmpConfig:
         ]
         if missing:
             raise ConfigError(f"missing setting(s): {', '.join(missing)}")
+        raw_backoff = env.get("CMP_PROVISION_BACKOFF_S") or "0.5"
         try:
-            backoff = float(env.get("CMP_PROVISION_BACKOFF_S") or 0.5)
+            backoff = float(raw_backoff)
         except ValueError:
-            raise ConfigError("CMP_PROVISION_BACKOFF_S must be a number of seconds") from None
+            backoff = 0.0
+        if not 0 < backoff <= 60:
+            raise ConfigError("CMP_PROVISION_BACKOFF_S must be a number of seconds above 0 and"
+                              f" at most 60, got {raw_backoff!r}")
         return cls(
             database_url=env["CMP_DATABASE_URL"],
             redis_url=env.get("CMP_REDIS_URL", "redis://127.0.0.1:6379/0"),
