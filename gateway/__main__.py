@@ -26,6 +26,8 @@ def main() -> int:
     _raise_open_files_limit()
     import uvicorn  # after the metrics directory is set: prometheus_client reads it at import
 
+    from gateway.http import GatewayHttpProtocol
+
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
@@ -33,7 +35,7 @@ def main() -> int:
         port=config.port,
         workers=config.workers,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol if config.http == "gateway" else "httptools",
         lifespan="on",
         log_level="warning",
         access_log=False,

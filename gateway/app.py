@@ -8,7 +8,6 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import orjson
@@ -28,10 +27,9 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.keys import Jwks, KeyVerifier
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from gateway.observe import Front
+from gateway.observe import Deferred, Front
 from gateway.registry import RegistryCache
 from gateway.relay import Relay
-from gateway.responses import Receive, Scope, Send
 from gateway.upstream import UpstreamPool, UpstreamSettings
 from gateway.usage import UsageEmitter
 from gateway.widget_bundle import WidgetBundle, WidgetEndpoint
@@ -46,16 +44,6 @@ class Readiness:
 
     jwks: Jwks
     listener: ChangeListener
-
-
-class Deferred:
-    """An ASGI endpoint whose real handler is made in the lifespan, once the pools exist."""
-
-    def __init__(self) -> None:
-        self.handler: object = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
-        return await self.handler(scope, receive, send)  # type: ignore[operator]
 
 
 def build_app(config: GatewayConfig) -> Front:

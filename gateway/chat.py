@@ -18,7 +18,8 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.relay import ChatRequest, Relay
-from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers, send_error
+from gateway.reply import AsgiReply, Reply, reply_error
+from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers
 from ratelimit.errors import RateLimitError
 from ratelimit.limiter import BucketLimiter
 
@@ -50,16 +51,24 @@ class ChatEndpoint:
         self._max_chars = max_message_chars
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one chat under an ASGI server; return the HTTP status sent."""
+        return await self.handle(
+            scope["headers"], scope["path_params"]["agent_id"], scope["state"]["request_id"],
+            AsgiReply(receive, send),
+        )
+
+    async def handle(
+        self, raw_headers: list[tuple[bytes, bytes]], agent_id: str, request_id: str,
+        reply: Reply,
+    ) -> int:
         """Answer one chat; return the HTTP status sent."""
-        request_id: str = scope["state"]["request_id"]
-        headers = RequestHeaders.scan(scope["headers"])
+        headers = RequestHeaders.scan(raw_headers)
         extra: Headers = [(b"x-request-id", request_id.encode())]
-        agent_id: str = scope["path_params"]["agent_id"]
         access: Access | None = None
         try:
             access = await self._gatekeeper.admit(headers, agent_id, request_id)
             extra += cors_headers(access.origin)
-            body = await self._read_body(headers, receive)
+            body = await self._read_body(headers, reply)
             chat = self._parse(body)
             try:
                 decision = await self._limiter.check(
@@ -86,7 +95,7 @@ class ChatEndpoint:
         except GatewayError as exc:
             if access is None:
                 extra += await self._gatekeeper.refusal_cors(agent_id, headers.origin)
-            await send_error(send, exc, request_id, extra)
+            await reply_error(reply, exc, request_id, extra)
             return exc.status
         streamed = headers.accept is not None and b"text/event-stream" in headers.accept
         return await self._relay.run(
@@ -98,11 +107,10 @@ class ChatEndpoint:
                 streamed=streamed,
                 response_headers=extra,
             ),
-            receive,
-            send,
+            reply,
         )
 
-    async def _read_body(self, headers: RequestHeaders, receive: Receive) -> bytes:
+    async def _read_body(self, headers: RequestHeaders, reply: Reply) -> bytes:
         content_type = (headers.content_type or b"").split(b";", 1)[0].strip().lower()
         if content_type != b"application/json":
             raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
@@ -113,19 +121,7 @@ class ChatEndpoint:
                 raise InvalidRequest("Content-Length is not a number") from None
             if declared > self._max_body:
                 raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise InvalidRequest("the client went away before sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        return await reply.body(self._max_body)
 
     def _parse(self, body: bytes) -> ChatMessage:
         try:

@@ -35,6 +35,13 @@ def _number(
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "") or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     redis_url: str
@@ -60,6 +67,7 @@ class GatewayConfig:
     max_body_bytes: int = 32 * 1024
     max_message_chars: int = 8_000
     widget_bundle: Path = DEFAULT_WIDGET_BUNDLE
+    http: str = "gateway"  # gateway: chats skip ASGI (gateway.http); asgi: uvicorn's own protocol
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -89,4 +97,5 @@ class GatewayConfig:
             drain_timeout_s=_number(env, "GATEWAY_DRAIN_TIMEOUT_S", 10.0),
             max_body_bytes=int(_number(env, "GATEWAY_MAX_BODY_BYTES", 32 * 1024, minimum=64)),
             widget_bundle=Path(env.get("GATEWAY_WIDGET_BUNDLE") or DEFAULT_WIDGET_BUNDLE),
+            http=_choice(env, "GATEWAY_HTTP", ("gateway", "asgi")),
         )

@@ -12,7 +12,8 @@ import orjson
 from gateway.access import Access
 from gateway.errors import GatewayError, RuntimeFailure, RuntimeTimeout, Unavailable
 from gateway.metrics import GatewayMetrics
-from gateway.responses import Headers, Receive, Send, send_body, send_error
+from gateway.reply import ClientGone, Reply, reply_error
+from gateway.responses import Headers
 from gateway.sse import SseSplitter, encode_event
 from gateway.upstream import (
     UpstreamConnectError,
@@ -50,44 +51,6 @@ class Outcome:
     ttft_ms: float | None = None
 
 
-class ClientGone(Exception):
-    """The client disconnected; the run upstream is abandoned."""
-
-
-class DisconnectWatch:
-    """Cancels the request's task when the client goes away while the answer is still coming.
-
-    Started only once an answer turns out not to arrive in one piece, so the common short
-    answer costs no extra task; stopped before the last message is sent, since the server then
-    reports the finished response as a disconnect too."""
-
-    __slots__ = ("_receive", "_task", "_watcher", "gone")
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self._task: asyncio.Task[object] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self.gone = False
-
-    def start(self) -> None:
-        if self._watcher is None:
-            self._task = asyncio.current_task()
-            self._watcher = asyncio.create_task(self._wait())
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-
-    async def _wait(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.gone = True
-                assert self._task is not None
-                self._task.cancel()
-                return
-
-
 class Relay:
     def __init__(
         self,
@@ -103,16 +66,15 @@ class Relay:
         self._auth = f"Bearer {runtime_token}".encode()
         self.open_streams = 0
 
-    async def run(self, chat: ChatRequest, receive: Receive, send: Send) -> int:
+    async def run(self, chat: ChatRequest, reply: Reply) -> int:
         """Answer the chat; return the HTTP status sent."""
         started = time.perf_counter()
         outcome = Outcome()
-        watch = DisconnectWatch(receive)
         self.open_streams += 1
         try:
-            return await self._relay(chat, send, outcome, started, watch)
+            return await self._relay(chat, reply, outcome, started)
         except asyncio.CancelledError:
-            if not watch.gone:
+            if not reply.gone:
                 raise
             task = asyncio.current_task()
             assert task is not None
@@ -124,12 +86,11 @@ class Relay:
             return CLIENT_CLOSED
         finally:
             self.open_streams -= 1
-            watch.stop()
+            reply.unwatch()
             self._emit_usage(chat, outcome, started)
 
     async def _relay(
-        self, chat: ChatRequest, send: Send, outcome: Outcome, started: float,
-        watch: DisconnectWatch,
+        self, chat: ChatRequest, reply: Reply, outcome: Outcome, started: float
     ) -> int:
         agent = chat.access.agent
         body = orjson.dumps({
@@ -154,32 +115,27 @@ class Relay:
                 "POST", (agent.runtime_host, agent.runtime_port, agent.stream_path), headers, body
             )
         except UpstreamConnectError:
-            return await _fail(chat, send, watch, Unavailable(
+            return await _fail(chat, reply, Unavailable(
                 "the agent runtime is unreachable", headers=[(b"retry-after", b"1")]))
         except UpstreamTimeout:
-            return await _fail(
-                chat, send, watch, RuntimeTimeout("the agent runtime did not answer"))
+            return await _fail(chat, reply, RuntimeTimeout("the agent runtime did not answer"))
         except UpstreamError:
-            return await _fail(chat, send, watch, RuntimeFailure("the agent runtime failed"))
+            return await _fail(chat, reply, RuntimeFailure("the agent runtime failed"))
         try:
             if response.status != 200:
-                return await _fail(chat, send, watch, RuntimeFailure(
+                return await _fail(chat, reply, RuntimeFailure(
                     f"the agent runtime answered {response.status}"))
             if chat.streamed:
-                return await self._stream(chat, send, response, outcome, started, watch)
-            return await self._collect(chat, send, response, outcome, started, watch)
+                return await self._stream(chat, reply, response, outcome, started)
+            return await self._collect(chat, reply, response, outcome, started)
         finally:
             await response.aclose()
 
     async def _stream(
-        self, chat: ChatRequest, send: Send, response: UpstreamResponse, outcome: Outcome,
-        started: float, watch: DisconnectWatch,
+        self, chat: ChatRequest, reply: Reply, response: UpstreamResponse, outcome: Outcome,
+        started: float,
     ) -> int:
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*_SSE_HEADERS, *chat.response_headers],
-        })
+        await reply.start(200, [*_SSE_HEADERS, *chat.response_headers])
         splitter = SseSplitter()
         done = False
         try:
@@ -202,12 +158,12 @@ class Relay:
                         done = True
                         break
                 if done:
-                    watch.stop()
-                    await _send_last(send, b"".join(out))
+                    reply.unwatch()
+                    await reply.last(b"".join(out))
                 else:
                     if out:
-                        await _send_more(send, b"".join(out))
-                    watch.start()
+                        await reply.more(b"".join(out))
+                    reply.watch()
         except UpstreamError as exc:
             if done:
                 return 200
@@ -216,18 +172,18 @@ class Relay:
                 if isinstance(exc, UpstreamTimeout)
                 else ("runtime_error", "the agent runtime failed mid-answer")
             )
-            watch.stop()
-            await _send_last(send, encode_event(b"error", _error_body(chat, code, message)))
+            reply.unwatch()
+            await reply.last(encode_event(b"error", _error_body(chat, code, message)))
             return 200
         if not done:
-            watch.stop()
-            await _send_last(send, encode_event(b"error", _error_body(
+            reply.unwatch()
+            await reply.last(encode_event(b"error", _error_body(
                 chat, "runtime_error", "the agent runtime ended without an answer")))
         return 200
 
     async def _collect(
-        self, chat: ChatRequest, send: Send, response: UpstreamResponse, outcome: Outcome,
-        started: float, watch: DisconnectWatch,
+        self, chat: ChatRequest, reply: Reply, response: UpstreamResponse, outcome: Outcome,
+        started: float,
     ) -> int:
         splitter = SseSplitter()
         answer: bytes | None = None
@@ -246,16 +202,16 @@ class Relay:
                         failure = _runtime_failure(event.data)
                         break
                 else:
-                    watch.start()
+                    reply.watch()
         except UpstreamTimeout:
             failure = failure or RuntimeTimeout("the agent runtime stopped answering")
         except UpstreamError:
             failure = failure or RuntimeFailure("the agent runtime failed mid-answer")
         if answer is not None:
-            watch.stop()
-            await send_body(send, 200, answer, chat.response_headers)
+            reply.unwatch()
+            await reply.whole(200, answer, chat.response_headers)
             return 200
-        return await _fail(chat, send, watch, failure or RuntimeFailure(
+        return await _fail(chat, reply, failure or RuntimeFailure(
             "the agent runtime ended without an answer"))
 
     def _first_token(self, started: float) -> float:
@@ -295,9 +251,9 @@ class Relay:
         ))
 
 
-async def _fail(chat: ChatRequest, send: Send, watch: DisconnectWatch, exc: GatewayError) -> int:
-    watch.stop()
-    await send_error(send, exc, chat.request_id, chat.response_headers)
+async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:
+    reply.unwatch()
+    await reply_error(reply, exc, chat.request_id, chat.response_headers)
     return exc.status
 
 
@@ -321,17 +277,3 @@ def _error(chat: ChatRequest, data: bytes) -> bytes:
 
 def _error_body(chat: ChatRequest, code: str, message: str) -> bytes:
     return orjson.dumps({"code": code, "message": message, "request_id": chat.request_id})
-
-
-async def _send_more(send: Send, body: bytes) -> None:
-    try:
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-    except OSError as exc:  # the ASGI server's word for a client that went away
-        raise ClientGone() from exc
-
-
-async def _send_last(send: Send, body: bytes) -> None:
-    try:
-        await send({"type": "http.response.body", "body": body})
-    except OSError as exc:
-        raise ClientGone() from exc

@@ -7,8 +7,8 @@ server with `loadtest.bench_gateway`, profiles the first one with py-spy, then m
 runtime's and the CMP's own benchmarks (`loadtest.bench_runtime`, `loadtest.bench_cmp`).
 Prints one JSON object on stdout and its progress on stderr; about eight minutes.
 
-    .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,granian] [--no-runtime]
-                                       [--no-cmp]
+    .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,uvicorn-asgi,granian]
+                                       [--no-runtime] [--no-cmp]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ ROUND_TRIPS_MEASURED_AS = (
     "total / gateway_limiter_checks_total (one check per request); cross-check: redis_read_"
     "events_per_request, Redis INFO total_reads_processed per request (every client)")
 OPTIONS: tuple[tuple[str, type, object, str], ...] = (
-    ("--servers", str, "uvicorn,granian", "ASGI servers; the first one is profiled"),
+    ("--servers", str, "uvicorn,uvicorn-asgi,granian",
+     "servers (uvicorn, uvicorn-asgi, granian); the first one is profiled"),
     ("--rate", float, 2000.0, "open-loop requests/s for the overhead"),
     ("--low-rate", float, 500.0, "a rate the worker can take, for the overhead without queueing"),
     ("--seconds", float, 5.0, "per overhead run"),

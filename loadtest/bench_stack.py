@@ -262,16 +262,19 @@ class BenchStack:
 
     def gateway(self, server: str, port: int) -> ManagedProcess:
         """The stack's gateway (same environment) on `port`, pinned to its core with a raised
-        open-files limit, under `python -m gateway` (uvicorn) or granian."""
+        open-files limit, under `python -m gateway` (`uvicorn`: uvicorn with the gateway's own
+        protocol for chats; `uvicorn-asgi`: uvicorn's stock protocol, every route via ASGI) or
+        granian."""
         base, limit = self.stack.process("gateway"), self.open_files
         prefix = ["prlimit", f"--nofile={limit}:{limit}", "taskset", "-c", str(GATEWAY_CORE)]
-        command = [sys.executable, "-m", "gateway"] if server == "uvicorn" else [
+        command = [sys.executable, "-m", "gateway"] if server.startswith("uvicorn") else [
             str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--loop",
             "uvloop", "--workers", "1", "--factory", "--host", "127.0.0.1", "--port", str(port),
             "--backlog", "16384", "--backpressure", str(limit), "--log-level", "warning",
             "gateway.app:create_app"]
         env = {**base.env, "GATEWAY_PORT": str(port),
-               "GATEWAY_SPOOL_DIR": str(self.stack.root / f"gateway-{server}" / "spool")}
+               "GATEWAY_SPOOL_DIR": str(self.stack.root / f"gateway-{server}" / "spool"),
+               "GATEWAY_HTTP": "asgi" if server == "uvicorn-asgi" else "gateway"}
         return dataclasses.replace(
             base, name=f"gateway-{server}", argv=prefix + command, cwd=ROOT, env=env,
             ready=http_ready(f"http://127.0.0.1:{port}/readyz"),

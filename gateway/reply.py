@@ -1,0 +1,132 @@
+"""How a chat's answer reaches its client, whichever server carries it.
+
+The chat path writes to a `Reply`: `start` a response, send `more` of its body, end it with
+`last`, or send it `whole`. `watch()` arms disconnect detection: from then on a client that goes
+away cancels the task answering it, and `gone` says so. Two implementations:
+
+- `AsgiReply`, over ASGI's receive and send, for any ASGI server;
+- the gateway's own HTTP protocol (`gateway.http`), which writes each response with as few
+  writes as its shape allows (head and body together, the last chunk with its terminator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.responses import JSON, Headers, Receive, Send
+
+
+class ClientGone(Exception):
+    """The client disconnected; whatever it was still to receive is abandoned."""
+
+
+class Reply(Protocol):
+    @property
+    def gone(self) -> bool:
+        """The client went away while watched (its task was cancelled for it)."""
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The whole request body; PayloadTooLarge beyond `max_bytes`."""
+
+    async def start(self, status: int, headers: Headers) -> None:
+        """Begin a response whose body follows in `more` and `last` (chunked)."""
+
+    async def more(self, body: bytes) -> None:
+        """Part of the body, sent now; ClientGone if the client went away."""
+
+    async def last(self, body: bytes) -> None:
+        """The end of the body; ClientGone if the client went away."""
+
+    async def whole(
+        self, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
+    ) -> None:
+        """A response of known length, in one go."""
+
+    def watch(self) -> None:
+        """From now on, a disconnect cancels the current task."""
+
+    def unwatch(self) -> None:
+        """Stop watching (before the last write: servers report a finished response as a
+        disconnect too)."""
+
+
+async def reply_error(reply: Reply, exc: GatewayError, request_id: str, headers: Headers) -> None:
+    await reply.whole(exc.status, exc.body(request_id), [*exc.headers, *headers])
+
+
+class AsgiReply:
+    """A Reply over ASGI. Watching starts a task that waits for `http.disconnect`, so it is
+    armed only once an answer turns out not to arrive in one piece."""
+
+    __slots__ = ("_receive", "_send", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._task: asyncio.Task[object] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.gone = False
+
+    async def body(self, max_bytes: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise InvalidRequest("the client went away before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the body is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def more(self, body: bytes) -> None:
+        try:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        except OSError as exc:  # the ASGI server's word for a client that went away
+            raise ClientGone() from exc
+
+    async def last(self, body: bytes) -> None:
+        try:
+            await self._send({"type": "http.response.body", "body": body})
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    async def whole(
+        self, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
+    ) -> None:
+        await self._send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        })
+        await self._send({"type": "http.response.body", "body": body})
+
+    def watch(self) -> None:
+        if self._watcher is None:
+            self._task = asyncio.current_task()
+            self._watcher = asyncio.create_task(self._wait())
+
+    def unwatch(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _wait(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                assert self._task is not None
+                self._task.cancel()
+                return

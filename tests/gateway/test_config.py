@@ -1,0 +1,41 @@
+"""The gateway's settings: read from the environment, and a bad value named at start."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import ConfigError, GatewayConfig
+
+REQUIRED = {
+    "GATEWAY_JWKS_URL": "http://127.0.0.1:8081/.well-known/jwks.json",
+    "GATEWAY_RUNTIME_TOKEN": "runtime-token",
+    "GATEWAY_CMP_TOKEN": "cmp-token",
+}
+
+
+def test_defaults_serve_chats_with_the_gateways_own_protocol() -> None:
+    config = GatewayConfig.from_env(REQUIRED)
+    assert config.http == "gateway"
+    assert config.workers == 2 and config.max_body_bytes == 32 * 1024
+
+
+def test_the_stock_asgi_protocol_can_be_chosen() -> None:
+    assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_HTTP": "asgi"}).http == "asgi"
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("GATEWAY_HTTP", "h2", "GATEWAY_HTTP must be one of gateway, asgi, got 'h2'"),
+    ("GATEWAY_WORKERS", "0", "GATEWAY_WORKERS must be at least 1, got '0'"),
+    ("GATEWAY_PORT", "70000", "GATEWAY_PORT must be at most 65535, got '70000'"),
+    ("GATEWAY_DRAIN_TIMEOUT_S", "soon", "GATEWAY_DRAIN_TIMEOUT_S must be a number, got 'soon'"),
+])
+def test_a_bad_value_is_named(name: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        GatewayConfig.from_env({**REQUIRED, name: value})
+    assert str(refused.value) == expected
+
+
+def test_a_missing_setting_is_named() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_RUNTIME_TOKEN"):
+        GatewayConfig.from_env({k: v for k, v in REQUIRED.items()
+                                if k != "GATEWAY_RUNTIME_TOKEN"})
