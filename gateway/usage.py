@@ -12,13 +12,15 @@ events stay in order on one partition):
 Write-ahead: `emit()` appends the record to a list and returns. Every `flush_interval` the flush
 task encodes what accumulated, appends it to this process's spool segment in one write and hands
 it to the sender (`usage_sender`); a worker thread then fsyncs the segment (group commit: one
-fsync in flight, covering every write before it).
+fsync at a time and at most one per `sync_interval`, covering every write before it). The
+sender sends a round to Kafka at most every `round_interval` (50 ms) while it keeps up.
 
 Durability window: an accepted event survives a crash of the process (kill -9) once the flush
 after it has written it: `flush_interval` (5 ms) after `emit()`, plus any event-loop stall. It
-survives a crash of the machine once that write's fsync has returned (a fraction of a ms to a
-few ms later). `await wait_durable()` is the exact barrier. A spool left by a dead process is
-adopted (flock) and replayed by the next worker that starts, or rescans (`adopt_interval`).
+survives a crash of the machine once that write's fsync has returned: within `sync_interval`
+(20 ms) plus an fsync of the write. `await wait_durable()` is the exact barrier. A spool left
+by a dead process is adopted (flock) and replayed by the next worker that starts, or rescans
+(`adopt_interval`).
 Duplicates are possible after failures; the consumer dedupes by event id.
 """
 
@@ -106,9 +108,12 @@ class UsageEmitter:
         round_max_events: int = 5_000, max_memory_events: int = 100_000,
         max_pending_events: int = 200_000, backoff_min: float = 0.1, backoff_max: float = 5.0,
         adopt_interval: float = 30.0, enable_idempotence: bool = False,
+        round_interval: float = 0.05, sync_interval: float = 0.02,
     ) -> None:
         if min(send_timeout, connect_timeout, flush_interval, backoff_min, adopt_interval) <= 0:
             raise ValueError("usage emitter timeouts and intervals must be positive")
+        if min(round_interval, sync_interval) < 0:
+            raise ValueError("usage emitter round_interval and sync_interval cannot be negative")
         if backoff_max < backoff_min or min(segment_bytes, round_max_events) < 1:
             raise ValueError("usage emitter sizes must be positive, backoff_max >= backoff_min")
         self.topic = topic
@@ -117,6 +122,7 @@ class UsageEmitter:
         self._owner = new_owner(instance)
         self._source = f"gateway/{instance}"
         self._flush_interval, self._segment_bytes = flush_interval, segment_bytes
+        self._sync_interval = sync_interval
         self._max_pending, self._retry_delay = max_pending_events, backoff_min
         self._pending: list[UsageRecord] = []
         self._flushed = 0  # records taken off _pending (written, or dropped as unencodable)
@@ -138,6 +144,7 @@ class UsageEmitter:
             self._writer, kafka, self.counters, self._thread,
             round_max_events=round_max_events, max_memory_events=max_memory_events,
             backoff_min=backoff_min, backoff_max=backoff_max, adopt_interval=adopt_interval,
+            round_interval=round_interval,
         )
 
     # Metrics: this gauge, and the monotonic counters in `counters` (accepted, sent, spooled,
@@ -266,6 +273,7 @@ class UsageEmitter:
         loop = asyncio.get_running_loop()
         while True:
             await self._sync_wakeup.wait()
+            started = loop.time()
             self._sync_wakeup.clear()
             flushed = self._flushed
             try:
@@ -276,6 +284,8 @@ class UsageEmitter:
                 self._sync_wakeup.set()
                 continue
             self._settle_durable(flushed)
+            # Group commit: the writes of the next `sync_interval` share one fsync.
+            await asyncio.sleep(started + self._sync_interval - loop.time())
 
     def _settle_durable(self, flushed: int) -> None:
         self._durable = flushed

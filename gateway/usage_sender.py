@@ -46,6 +46,7 @@ class UsageCounters:
     replayed: int = 0  # acknowledged after being read back from a spool file
     failed: int = 0  # records in rounds Kafka did not acknowledge (each retry counts)
     dropped: int = 0  # refused by emit() or not encodable: lost
+    rounds: int = 0  # rounds Kafka acknowledged (one request per partition each)
     depth: int = 0
 
 
@@ -79,9 +80,10 @@ class UsageSender:
     def __init__(
         self, writer: SegmentWriter, kafka: KafkaSettings, counters: UsageCounters,
         thread: ThreadPoolExecutor, *, round_max_events: int, max_memory_events: int,
-        backoff_min: float, backoff_max: float, adopt_interval: float,
+        backoff_min: float, backoff_max: float, adopt_interval: float, round_interval: float,
     ) -> None:
         self._writer, self._counters, self._thread = writer, counters, thread
+        self._round_interval = round_interval
         self._kafka = KafkaLink(kafka)
         self._dir, self._owner = writer.directory, writer.owner
         self._round_max, self._max_memory = round_max_events, max_memory_events
@@ -130,6 +132,7 @@ class UsageSender:
                     next_adoption = loop.time() + self._adopt_interval
                     self._adopt()
                 self.wakeup.clear()  # before looking, so that no wake-up is missed
+                started = loop.time()
                 batch = await self._next_round()
                 if batch is None:
                     self.idle.set()
@@ -140,6 +143,7 @@ class UsageSender:
                 if await self._kafka.deliver(batch.records):
                     self._acknowledged(batch)
                     backoff = self._backoff_min
+                    await self._gather(started + self._round_interval)
                     continue
                 self._counters.failed += len(batch.records)
                 if not batch.from_disk:
@@ -154,8 +158,18 @@ class UsageSender:
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, self._backoff_max)
 
+    async def _gather(self, until: float) -> None:
+        """Let the next live round gather events until `until`: a Kafka request per flush (every
+        few ms) would cost more than the events it carries at moderate rates. The events wait in
+        the spool meanwhile, as durable as ever; a full round, a backlog on disk, or closing goes
+        at once."""
+        delay = until - asyncio.get_running_loop().time()
+        if delay > 0 and self._live and not self.closing and self._queued < self._round_max:
+            await asyncio.sleep(delay)
+
     def _acknowledged(self, batch: _Round) -> None:
         batch.commit()
+        self._counters.rounds += 1
         count = len(batch.records)
         self._counters.depth -= count
         if batch.from_disk:

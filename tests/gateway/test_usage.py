@@ -382,3 +382,32 @@ async def test_a_running_worker_adopts_the_spool_of_a_sibling_that_died(
     assert os.listdir(tmp_path) == []
     messages = await consume(kafka_bootstrap, usage_topic, {r.request_id for r in records})
     assert sorted(event_ids(messages)) == sorted(r.request_id for r in records)
+
+
+@pytest.mark.parametrize("round_interval", [0.0, 0.1])
+async def test_a_steady_trickle_of_events_is_sent_in_rounds_of_round_interval(
+    kafka_bootstrap: str, usage_topic: str, tmp_path: Path, round_interval: float,
+) -> None:
+    """A Kafka request per flush (every 5 ms) costs more than the events it carries; with a
+    round interval the live path gathers them (and without one it does not)."""
+    await create_topic(kafka_bootstrap, usage_topic)
+    emitter = UsageEmitter(
+        bootstrap_servers=kafka_bootstrap, topic=usage_topic, spool_dir=tmp_path,
+        instance="gw-rounds", round_interval=round_interval)
+    await emitter.start()
+    emitter.emit(record(0))
+    await wait_until(lambda: emitter.counters.sent == 1, "the first event was sent")
+    rounds_before = emitter.counters.rounds
+    records = [record(i) for i in range(1, 61)]
+    for usage in records:  # 60 events over about 0.6 s
+        emitter.emit(usage)
+        await asyncio.sleep(0.01)
+    await emitter.close()
+    assert (emitter.counters.sent, emitter.spool_depth) == (61, 0)
+    rounds = emitter.counters.rounds - rounds_before
+    if round_interval:
+        assert rounds <= 0.6 / round_interval + 3, rounds
+    else:
+        assert rounds > 20, rounds
+    messages = await consume(kafka_bootstrap, usage_topic, {r.request_id for r in records})
+    assert {r.request_id for r in records} <= set(event_ids(messages))
