@@ -19,6 +19,11 @@ turn's CPU goes; each patch below removes one of those costs and says which:
   templates twice (pydantic `model_copy(deep=True)`, then `copy.deepcopy`). A pickle round
   trip makes the same independent copies about six times faster; the class templates are
   pickled once.
+- chat models: the model component builds a new `ChatOpenAI` every turn, and validating one
+  (it builds the OpenAI SDK clients) costs about as much as the rest of the component. One
+  is built per set of parameters; each turn gets a shallow copy of it (`model_copy`), so a
+  turn that changes its model (lfx's remediation of provider errors sets fields on it)
+  changes its own copy only. The SDK clients it shares keep no state between requests.
 - file-field metadata: every vertex build scans the whole component index and parses the
   node's source to learn which fields are file inputs. The answer depends on the source
   only, so it is kept per source.
@@ -39,6 +44,8 @@ import httpx
 # One pool per endpoint for every run in the worker: no per-run connection limit beyond
 # what the LLM endpoint accepts, and warm keep-alive connections between turns.
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
+# Distinct model parameters seen (flows x models x keys); past this the models are built anew.
+_MAX_MODELS = 256
 
 
 class EngineTuning:
@@ -51,6 +58,7 @@ class EngineTuning:
         self._ssl: ssl.SSLContext | None = None
         self._templates: dict[int, tuple[list[Any], bytes | None]] = {}
         self._file_fields: dict[str, dict[str, dict[str, Any]]] = {}
+        self._models: dict[tuple[Any, ...], Any] = {}
 
     @property
     def installed(self) -> bool:
@@ -80,6 +88,7 @@ class EngineTuning:
         self._classes.clear()
         self._templates.clear()
         self._file_fields.clear()
+        self._models.clear()
         clients, self._clients = self._clients, {}
         for pair in clients.values():
             pair["http_client"].close()
@@ -154,18 +163,41 @@ class EngineTuning:
 
     def _patch_component_classes(self) -> None:
         import lfx.interface.initialize.loading as loading
+        from langchain_openai import ChatOpenAI
 
         build = loading.eval_custom_component_code  # type: ignore[attr-defined]
         classes = self._classes
+        shared_chat_openai = self._shared_model(ChatOpenAI)
 
         def eval_custom_component_code(code: str, class_name: str | None = None) -> type:
             key = (code, class_name)
             cls = classes.get(key)
             if cls is None:
                 cls = classes[key] = build(code, class_name)
+                # The name the component's source imported, in the namespace only this
+                # cached class uses (the stock path builds its classes anew).
+                namespace = getattr(getattr(cls, "build_model", None), "__globals__", {})
+                if namespace.get("ChatOpenAI") is ChatOpenAI:
+                    namespace["ChatOpenAI"] = shared_chat_openai
             return cls
 
         self._replace(loading, "eval_custom_component_code", eval_custom_component_code)
+
+    def _shared_model(self, model_class: type) -> Callable[..., Any]:
+        models = self._models
+
+        def build(**parameters: Any) -> Any:
+            key = _model_key(model_class, parameters)
+            if key is None:
+                return model_class(**parameters)
+            model = models.get(key)
+            if model is None:
+                if len(models) >= _MAX_MODELS:
+                    models.clear()
+                model = models[key] = model_class(**parameters)
+            return model.model_copy()
+
+        return build
 
     def _patch_stream_chunks(self) -> None:
         import pydantic
@@ -292,3 +324,26 @@ class EngineTuning:
             return fields
 
         self._replace(ParameterHandler, "_canonical_file_fields", _canonical_file_fields)
+
+
+def _model_key(model_class: type, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Equal parameters, equal key; None when a value cannot be compared safely."""
+    from pydantic import SecretStr
+
+    def frozen(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return ("secret", value.get_secret_value())
+        if isinstance(value, dict):
+            return ("dict", tuple(sorted((str(k), frozen(v)) for k, v in value.items())))
+        if isinstance(value, list | tuple):
+            return ("list", tuple(frozen(item) for item in value))
+        if value is None or isinstance(value, str | int | float | bool):
+            return value
+        if isinstance(value, httpx.Client | httpx.AsyncClient):
+            return value  # the shared clients of an endpoint, compared by identity
+        raise TypeError(type(value).__name__)
+
+    try:
+        return (model_class, *sorted((name, frozen(value)) for name, value in parameters.items()))
+    except TypeError:
+        return None
