@@ -84,6 +84,7 @@ class BucketLimiter:
         # Limits repeat per agent, so their encoding is computed once per limiter.
         self._encode_limits = functools.lru_cache(maxsize=4096)(encode_limits)
         self._pending: list[_PendingCheck] = []
+        self._idle: list[Any] = []  # connections between batches; at most max_in_flight
         self._flush_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -104,7 +105,8 @@ class BucketLimiter:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
-            # One connection per batch in flight is all the limiter ever uses.
+            # The pool makes the batches' connections (at most one per batch in flight) and
+            # serves `load_script`.
             max_connections=max_in_flight,
         )
         return cls(
@@ -171,6 +173,9 @@ class BucketLimiter:
         while self._pending or self._batches:
             self._flush()
             await asyncio.gather(*self._batches, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.disconnect(nowait=True)
         if self._owns_client:
             await self._redis.aclose()
 
@@ -244,24 +249,33 @@ class BucketLimiter:
     async def _send(self, commands: list[bytes]) -> list[Any]:
         """Write the commands in one go and read one reply (or error reply) for each.
 
-        Straight on a pooled connection, as redis-py's pipeline does, minus its per-argument
-        encoding and per-reply timers: the caller's timeout bounds the whole exchange, and a
-        read interrupted by it disconnects the connection, so no reply is left to be misread.
+        On a connection of the limiter's own (made by the client's pool, never lent to it),
+        minus redis-py's per-argument encoding, per-reply timers and the pool's checkout work
+        (a lock, a readiness probe, metrics): the caller's timeout bounds the whole exchange,
+        and a connection whose exchange did not end cleanly is closed, so no reply is ever
+        left on it to be misread.
         """
+        idle = self._idle
         pool = self._redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = idle.pop() if idle else pool.make_connection()  # type: ignore[no-untyped-call]
+        clean = False
         try:
             try:
-                return await self._exchange(connection, commands)
+                replies = await self._exchange(connection, commands)
             except _StaleConnection:
-                # A pooled connection to a Redis that has since restarted fails before any
+                # A kept connection to a Redis that has since restarted fails before any
                 # reply: that Redis never saw the calls, so they go once more on a new
                 # connection. (Had a live Redis dropped the connection after running them,
                 # the tokens are spent twice: the error is on the side of refusing.)
-                await connection.disconnect()
-                return await self._exchange(connection, commands, retry=False)
+                await connection.disconnect(nowait=True)
+                replies = await self._exchange(connection, commands, retry=False)
+            clean = True
+            return replies
         finally:
-            await pool.release(connection)
+            if clean and not self._closed:
+                idle.append(connection)
+            else:
+                await connection.disconnect(nowait=True)
 
     async def _exchange(
         self, connection: Any, commands: list[bytes], *, retry: bool = True
