@@ -256,8 +256,13 @@ class BucketLimiter:
         left on it to be misread.
         """
         idle = self._idle
-        pool = self._redis.connection_pool
-        connection = idle.pop() if idle else pool.make_connection()  # type: ignore[no-untyped-call]
+        if idle:
+            connection = idle.pop()
+        else:
+            connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            # The batch's own timeout bounds the exchange; with a socket timeout too, redis-py
+            # would wrap every write in `wait_for` (a task and a timer per round trip).
+            connection.socket_timeout = None
         clean = False
         try:
             try:
