@@ -1,11 +1,13 @@
 """`make bench`: the gateway's performance budget (DESIGN.md), measured on this machine.
 
 Starts what `loadtest.bench_stack` describes (a minimal real stack, the canned runtime, a relay
-that does no work, and one gateway worker under each ASGI server, all on loopback; the gateways
-and the relay on core 0, this load generator and everything else on core 1), measures each
-server with `loadtest.bench_gateway`, profiles the first one with py-spy, then merges the
-runtime's and the CMP's own benchmarks (`loadtest.bench_runtime`, `loadtest.bench_cmp`).
-Prints one JSON object on stdout and its progress on stderr; about eight minutes.
+that does no work, and one gateway worker under each server: `uvicorn` with the gateway's own
+protocol for chats, as `python -m gateway` runs it, `uvicorn-asgi` with uvicorn's stock one, and
+granian; all on loopback, the gateways and the relay on core 0, this load generator and
+everything else on core 1), measures each server with `loadtest.bench_gateway`, profiles the
+first one with py-spy, then merges the runtime's and the CMP's own benchmarks
+(`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
+figures are the first server's) and its progress on stderr; about seven minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,uvicorn-asgi,granian]
                                        [--no-runtime] [--no-cmp]
