@@ -224,18 +224,14 @@ class ChatCycle:
         if self.disconnected:
             raise ClientGone()
         head, self._head = self._head, None
-        if body:
-            data = b"%x\r\n%b\r\n" % (len(body), body)
-            self.protocol.transport.write(head + data if head is not None else data)
-        elif head is not None:
-            self.protocol.transport.write(head)
+        if body or head is not None:
+            self.protocol.transport.write(_chunked(head, body, last=False))
 
     async def last(self, body: bytes) -> None:
         if self.disconnected:
             raise ClientGone()
         head, self._head = self._head, None
-        data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else _LAST_CHUNK
-        self._finish(head + data if head is not None else data)
+        self._finish(_chunked(head, body, last=True))
 
     async def whole(
         self, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
@@ -282,3 +278,14 @@ class ChatCycle:
         if not self.keep_alive:
             protocol.transport.close()
         protocol.on_response_complete()
+
+
+def _chunked(head: bytes | None, body: bytes, *, last: bool) -> bytes:
+    """One write: the response head if still unsent, `body` as a chunk (none if empty: an empty
+    chunk would end the body), and the terminator if `last`."""
+    parts = [head] if head is not None else []
+    if body:
+        parts += (b"%x\r\n" % len(body), body, b"\r\n")
+    if last:
+        parts.append(_LAST_CHUNK)
+    return b"".join(parts)

@@ -15,7 +15,7 @@ import asyncio
 from typing import Protocol
 
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
-from gateway.responses import JSON, Headers, Receive, Send
+from gateway.responses import JSON, Headers, Receive, Send, send_body
 
 
 class ClientGone(Exception):
@@ -102,16 +102,7 @@ class AsgiReply:
     async def whole(
         self, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
     ) -> None:
-        await self._send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        })
-        await self._send({"type": "http.response.body", "body": body})
+        await send_body(self._send, status, body, headers, content_type)
 
     def watch(self) -> None:
         if self._watcher is None:

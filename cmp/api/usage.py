@@ -43,8 +43,8 @@ class InstanceFilter(Query):
 class AgentFilter(Query):
     org_id: uuid.UUID | None = None
     provider_agent_id: uuid.UUID | None = None
-    since: dt.date | None = None
-    until: dt.date | None = None
+    since: dt.date | None = Field(default=None, description="first day, inclusive (UTC)")
+    until: dt.date | None = Field(default=None, description="last day, inclusive (UTC)")
 
 
 _CURSOR = (dt.date.fromisoformat, uuid.UUID)
@@ -81,17 +81,20 @@ async def instance_usage(call: Call) -> Page[InstanceUsage]:
 async def agent_usage(call: Call) -> Page[AgentUsage]:
     page, wanted = call.page, call.query
     assert page is not None and isinstance(wanted, AgentFilter)
-    after = page.after or [None, None]
+    after = page.after or [_LAST_DAY, _LAST_ID]
+    # As for instances: one index range per organisation (org_id, day, provider_agent_id).
     rows = await call.conn.fetch(
-        "SELECT provider_agent_id, day, requests, completed, failed, cancelled, input_tokens,"
-        " output_tokens, instances FROM usage_daily_by_agent WHERE org_id = ANY($1)"
-        " AND ($2::uuid IS NULL OR org_id = $2)"
-        " AND ($3::uuid IS NULL OR provider_agent_id = $3)"
-        " AND ($4::date IS NULL OR day >= $4) AND ($5::date IS NULL OR day <= $5)"
-        " AND ($6::date IS NULL OR (day, provider_agent_id) < ($6, $7::uuid))"
-        " ORDER BY day DESC, provider_agent_id DESC LIMIT $8",
-        call.caller.org_ids(), wanted.org_id, wanted.provider_agent_id, wanted.since,
-        wanted.until, after[0], after[1], page.limit + 1,
+        "SELECT u.* FROM unnest($1::uuid[]) AS o(org_id) CROSS JOIN LATERAL ("
+        "  SELECT provider_agent_id, day, requests, completed, failed, cancelled,"
+        "  input_tokens, output_tokens, instances FROM usage_daily_by_agent a"
+        "  WHERE a.org_id = o.org_id AND (day, provider_agent_id) < ($2::date, $3::uuid)"
+        "  AND day >= coalesce($4::date, '-infinity') AND day <= coalesce($5::date, 'infinity')"
+        "  AND ($6::uuid IS NULL OR provider_agent_id = $6)"
+        "  ORDER BY day DESC, provider_agent_id DESC LIMIT $7) u"
+        " ORDER BY u.day DESC, u.provider_agent_id DESC LIMIT $7",
+        call.caller.org_ids(only=wanted.org_id),
+        after[0], after[1], wanted.since, wanted.until, wanted.provider_agent_id,
+        page.limit + 1,
     )
     return page.page([AgentUsage(**dict(r)) for r in rows],
                      lambda u: [u.day.isoformat(), u.provider_agent_id])

@@ -74,3 +74,35 @@ async def test_buyers_and_sellers_see_their_own_usage_per_day(
     bad = await buyer.client.get("/api/usage/agent-instances?since=yesterday&cursor=zz")
     assert bad.status_code == 422
     assert set(bad.json()["error"]["fields"]) == {"cursor", "since"}
+
+
+async def test_sellers_page_and_filter_their_agents_usage(
+    make_user: MakeUser, published_agent: PublishedAgent, cmp_config: Any,
+) -> None:
+    buyer = await make_user("customer")
+    conn = await asyncpg.connect(cmp_config.database_url)
+    instance = await instance_for(conn, buyer, published_agent)
+    days = [dt.date(2026, 10, d) for d in (1, 2, 3)]
+    for day in days:
+        await record(conn, buyer.org_id, instance, day)
+    await conn.close()
+    seller = published_agent.provider.client
+    agent = str(published_agent.provider_agent_id)
+
+    seen, cursor = [], ""
+    while True:
+        page = (await seller.get(f"/api/usage/provider-agents?limit=1{cursor}")).json()
+        seen += [(r["day"], r["provider_agent_id"]) for r in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert seen == [("2026-10-03", agent), ("2026-10-02", agent), ("2026-10-01", agent)]
+
+    window = (await seller.get(
+        "/api/usage/provider-agents?since=2026-10-02&until=2026-10-02"
+        f"&provider_agent_id={agent}&org_id={published_agent.provider.org_id}")).json()
+    assert [r["day"] for r in window["items"]] == ["2026-10-02"]
+    other_agent = (await seller.get(
+        f"/api/usage/provider-agents?provider_agent_id={uuid.uuid4()}")).json()
+    other_org = (await seller.get(f"/api/usage/provider-agents?org_id={buyer.org_id}")).json()
+    assert other_agent["items"] == [] and other_org["items"] == []
