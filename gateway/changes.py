@@ -97,7 +97,7 @@ class ChangeListener:
                     self._registry.invalidate(data)
         finally:
             self.connected = False
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
 
 def _text(value: bytes | str) -> str:

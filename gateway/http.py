@@ -115,7 +115,7 @@ class ChatCycle:
     __slots__ = (
         "protocol", "endpoint", "metrics", "agent_id", "headers", "keep_alive",
         "expect_continue", "parts", "size", "more_body", "response_complete", "disconnected",
-        "gone", "message_event", "_waiter", "_head", "_watched",
+        "gone", "_waiter", "_head", "_watched",
     )
 
     def __init__(
@@ -136,10 +136,16 @@ class ChatCycle:
         self.response_complete = False
         self.disconnected = False
         self.gone = False
-        self.message_event = self  # uvicorn's protocol calls `.message_event.set()`
         self._waiter: asyncio.Future[None] | None = None
         self._head: bytes | None = None  # a stream's head, written with its first chunk
         self._watched: asyncio.Task[Any] | None = None
+
+    @property
+    def message_event(self) -> ChatCycle:
+        """What uvicorn's protocol calls `.set()` on. A property, not an attribute holding
+        `self`: that reference cycle would leave every chat's cycle, its headers and body for
+        the garbage collector instead of freeing them when the request ends."""
+        return self
 
     # --- fed by the protocol --------------------------------------------------------------
 
