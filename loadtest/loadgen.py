@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -227,21 +228,44 @@ class _OpenLoop(_Driver):
 
 async def open_loop(port: int, payload: bytes, rate: float, seconds: float, *,
                     warm_connections: int = 32, max_connections: int = 2048) -> Tally:
-    """`rate` requests per second for `seconds`, sent on schedule whatever the answers do."""
+    """`rate` requests per second for `seconds`, sent on schedule whatever the answers do.
+
+    The schedule is kept by a thread that sleeps until each request is due and then wakes the
+    loop. The loop's own timers have a resolution of a millisecond, so pacing with them means
+    either sending late or spinning between requests; a spinning generator would take its
+    whole core from the servers that share it (Redis, the upstream) and show up as their
+    latency."""
     driver = _OpenLoop(payload, port, max_connections)
     for _ in range(warm_connections):
         client = await connect(driver, port)
         driver.clients.append(client)
         driver.idle.append(client)
+    loop = asyncio.get_running_loop()
     total = int(rate * seconds)
     start = perf() + 0.002
+    finished = loop.create_future()
     sent = 0
-    while sent < total and perf() < start + seconds + 5:
+
+    def dispatch_due() -> None:
+        nonlocal sent
         due = min(total, int((perf() - start) * rate) + 1)
         while sent < due:
             driver.dispatch(start + sent / rate)
             sent += 1
-        await asyncio.sleep(max(0.0, start + sent / rate - perf()))
+
+    def pace() -> None:
+        scheduled = 0
+        while scheduled < total and perf() < start + seconds + 5:
+            time.sleep(max(0.0, start + scheduled / rate - perf()))
+            scheduled = min(total, int((perf() - start) * rate) + 1)
+            loop.call_soon_threadsafe(dispatch_due)
+        loop.call_soon_threadsafe(finished.set_result, None)
+
+    pacer = threading.Thread(target=pace, name="open-loop-pacer", daemon=True)
+    pacer.start()
+    await finished
+    pacer.join()
+    dispatch_due()
     tally = await driver.finish(timeout=10)
     if driver.waiting:
         tally.errors["not sent: no connection came free"] += len(driver.waiting)
