@@ -7,7 +7,7 @@ granian; all on loopback, the gateways and the relay on core 0, this load genera
 everything else on core 1), measures each server with `loadtest.bench_gateway`, profiles the
 first one with py-spy, then merges the runtime's and the CMP's own benchmarks
 (`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
-figures are the first server's) and its progress on stderr; about seven minutes.
+figures are the first server's) and its progress on stderr; about ten minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,uvicorn-asgi,granian]
                                        [--no-runtime] [--no-cmp]
