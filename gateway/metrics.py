@@ -61,6 +61,11 @@ class GatewayMetrics:
         self.limiter_checks = Counter(
             "gateway_limiter_checks", "Rate limit checks sent to Redis.", registry=r,
         )
+        self.usage_events = Counter(
+            "gateway_usage_events",
+            "Usage events emitted, by their request's outcome (completed, failed, cancelled).",
+            ["status"], registry=r,
+        )
         self.usage_delivery = Counter(
             "gateway_usage_delivery",
             "Usage events by delivery step (accepted, sent, spooled, replayed, failed, dropped).",

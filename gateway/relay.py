@@ -249,6 +249,7 @@ class Relay:
             duration_ms=(time.perf_counter() - started) * 1000,
             ttft_ms=outcome.ttft_ms,
         ))
+        self._metrics.child(self._metrics.usage_events, outcome.status).inc()
 
 
 async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:

@@ -136,9 +136,18 @@ async def test_every_completed_request_has_one_usage_event(
     assert {e[0]["data"]["status"] for e in found.values()} == {"completed"}
 
 
+def usage_events(metrics: str, status: str) -> float:
+    """The workers' summed count of usage events with `status`, from /metrics."""
+    prefix = f'gateway_usage_events_total{{status="{status}"}} '
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
 async def test_client_disconnect_cancels_the_run(
     stack: Stack, tenant: Tenant, usage: UsageReader
 ) -> None:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        cancelled_before = usage_events((await client.get("/metrics")).text, "cancelled")
     async with (
         httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client,
         client.stream(
@@ -152,6 +161,9 @@ async def test_client_disconnect_cancels_the_run(
                 break
     found = await usage.collect({request_id})
     assert found[request_id][0]["data"]["status"] == "cancelled"
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        metrics = (await client.get("/metrics")).text
+    assert usage_events(metrics, "cancelled") >= cancelled_before + 1
 
 
 async def test_health_readiness_and_metrics(gateway: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -166,3 +178,4 @@ async def test_health_readiness_and_metrics(gateway: httpx.AsyncClient, tenant: 
                  "gateway_usage_delivery_total"):
         assert name in metrics, name
     assert 'route="chat",status="200"' in metrics
+    assert 'gateway_usage_events_total{status="completed"}' in metrics
