@@ -4,6 +4,8 @@ request's usage event whatever happens: completed, failed, or cancelled by a dis
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from gateway.sse import SseSplitter, encode_event
 from gateway.upstream import (
     UpstreamConnectError,
     UpstreamError,
+    UpstreamNoDescriptors,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
@@ -31,6 +34,9 @@ _SSE_HEADERS: Headers = [
 ]
 # The status a cancelled request is counted under in the metrics (nginx's "client closed").
 CLIENT_CLOSED = 499
+_DESCRIPTOR_WARNING_S = 10.0
+
+log = logging.getLogger("sitekit.gateway")
 
 
 @dataclass(slots=True)
@@ -65,6 +71,7 @@ class Relay:
         self._metrics = metrics
         self._auth = f"Bearer {runtime_token}".encode()
         self.open_streams = 0
+        self._descriptor_warned = -_DESCRIPTOR_WARNING_S
 
     async def run(self, chat: ChatRequest, reply: Reply) -> int:
         """Answer the chat; return the HTTP status sent."""
@@ -114,6 +121,11 @@ class Relay:
             response = await self._upstream.request(
                 "POST", (agent.runtime_host, agent.runtime_port, agent.stream_path), headers, body
             )
+        except UpstreamNoDescriptors as exc:
+            self._out_of_descriptors(exc)
+            return await _fail(chat, reply, Unavailable(
+                "the gateway has no free connections; retry shortly",
+                headers=[(b"retry-after", b"1")]))
         except UpstreamConnectError:
             return await _fail(chat, reply, Unavailable(
                 "the agent runtime is unreachable", headers=[(b"retry-after", b"1")]))
@@ -213,6 +225,21 @@ class Relay:
             return 200
         return await _fail(chat, reply, failure or RuntimeFailure(
             "the agent runtime ended without an answer"))
+
+    def _out_of_descriptors(self, exc: UpstreamNoDescriptors) -> None:
+        """Tell the operator, at most every `_DESCRIPTOR_WARNING_S`: each open chat holds two
+        descriptors (client and runtime), so a worker's open-files limit caps its streams."""
+        now = time.monotonic()
+        if now - self._descriptor_warned < _DESCRIPTOR_WARNING_S:
+            return
+        self._descriptor_warned = now
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error(
+            "refusing chats: no file descriptor left for a runtime connection (%s) with %d "
+            "chats open and RLIMIT_NOFILE %d; each open chat takes two, so raise the limit "
+            "(ulimit -n, systemd LimitNOFILE) or add workers", exc.__cause__, self.open_streams,
+            soft,
+        )
 
     def _first_token(self, started: float) -> float:
         elapsed = time.perf_counter() - started

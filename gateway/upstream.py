@@ -3,6 +3,7 @@ httptools' parser, bounded read buffers and one exception tree.
 
     UpstreamError
     ├── UpstreamConnectError    no connection: refused, unreachable, unknown name, TLS failed
+    │   └── UpstreamNoDescriptors   this process (or the system) has no file descriptor left
     ├── UpstreamTimeout         connecting, the response head, or a gap in the body took too long
     ├── UpstreamClosed          the upstream closed the connection before the response ended
     └── UpstreamProtocolError   the upstream's bytes are not HTTP/1.1, or its head is too large
@@ -22,6 +23,7 @@ The pool is made in the app's lifespan and closed there:
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from collections import deque
@@ -47,6 +49,11 @@ class UpstreamError(Exception):
 
 class UpstreamConnectError(UpstreamError):
     """No connection could be opened; nothing was sent."""
+
+
+class UpstreamNoDescriptors(UpstreamConnectError):
+    """No socket could be made: this process is at its open-files limit (EMFILE) or the
+    system at its own (ENFILE). Nothing is wrong with the upstream."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -206,6 +213,8 @@ class UpstreamPool:
             raise UpstreamTimeout(f"connecting to {origin} took longer than "
                                   f"{settings.connect_timeout_s} s") from exc
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise UpstreamNoDescriptors(f"cannot connect to {origin}: {exc}") from exc
             raise UpstreamConnectError(f"cannot connect to {origin}: {exc}") from exc
         return conn
 
