@@ -236,9 +236,9 @@ class Relay:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.error(
             "refusing chats: no file descriptor left for a runtime connection (%s) with %d "
-            "chats open and RLIMIT_NOFILE %d; each open chat takes two, so raise the limit "
-            "(ulimit -n, systemd LimitNOFILE) or add workers", exc.__cause__, self.open_streams,
-            soft,
+            "chats open and RLIMIT_NOFILE %d; each open chat takes two, so raise the hard "
+            "limit (ulimit -Hn, systemd LimitNOFILE) or add workers", exc.__cause__,
+            self.open_streams, soft,
         )
 
     def _first_token(self, started: float) -> float:
