@@ -5,6 +5,8 @@
     GET    /flows                   -> {"flows": [{"flow_id", "version"}]}
     POST   /flows/{flow_id}/stream  {"input_value", "session_id", "variables"} -> SSE
     GET    /healthz                 (no token)
+    GET    /link                    WebSocket `sitekit-link.1`: the requests above, many at
+                                    once over one connection (frames: runtime.link)
 
 Errors are `{"error": {"code", "message"}}`; the codes come from runtime.errors.
 """
@@ -23,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from runtime.auth import ServiceTokenAuth
 from runtime.components import ComponentCatalogue
@@ -33,6 +35,7 @@ from runtime.errors import InvalidRequest, PayloadTooLarge, RuntimeServiceError
 from runtime.flow_store import FlowStore
 from runtime.lfx_setup import prepare_lfx
 from runtime.lfx_tuning import EngineTuning
+from runtime.link import LinkEndpoint
 from runtime.retrieval import TenantDocuments
 from runtime.streaming import RunStream
 
@@ -175,6 +178,7 @@ def create_app(config: RuntimeConfig) -> Starlette:
         Route("/flows/{flow_id}", api.deploy, methods=["PUT"]),
         Route("/flows/{flow_id}", api.undeploy, methods=["DELETE"]),
         Route("/flows/{flow_id}/stream", api.stream, methods=["POST"]),
+        WebSocketRoute("/link", LinkEndpoint()),
     ]
     return Starlette(
         routes=routes,

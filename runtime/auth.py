@@ -10,7 +10,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class ServiceTokenAuth:
-    """Refuses every HTTP request but the open paths unless it carries `Bearer <token>`."""
+    """Refuses every HTTP request and WebSocket (the runtime link) but the open paths unless
+    it carries `Bearer <token>`; a WebSocket is refused before accept (uvicorn answers 403)."""
 
     def __init__(
         self, app: ASGIApp, token: str, open_paths: Collection[str] = ("/healthz",)
@@ -22,7 +23,7 @@ class ServiceTokenAuth:
         self._open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._open_paths:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self._open_paths:
             await self.app(scope, receive, send)
             return
         presented = b""
@@ -32,6 +33,10 @@ class ServiceTokenAuth:
                 break
         if hmac.compare_digest(presented, self._expected):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008,
+                        "reason": "a valid service token is required"})
             return
         body = orjson.dumps(
             {"error": {"code": "unauthorized", "message": "a valid service token is required"}}
