@@ -27,11 +27,12 @@ from gateway.chat import ChatEndpoint
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.keys import Jwks, KeyVerifier
+from gateway.link import LinkPool, LinkSettings
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe import Deferred, Front
 from gateway.registry import RegistryCache
 from gateway.relay import Relay
-from gateway.upstream import UpstreamPool, UpstreamSettings
+from gateway.upstream import RuntimeCaller, UpstreamPool, UpstreamSettings
 from gateway.usage import UsageEmitter
 from gateway.widget_bundle import WidgetBundle, WidgetEndpoint
 from ratelimit.limiter import BucketLimiter
@@ -84,11 +85,19 @@ def build_app(config: GatewayConfig) -> Front:
             listener = ChangeListener(redis, registry, revoked, refresh_jwks)
             limiter = BucketLimiter.from_url(config.redis_url, timeout=config.redis_timeout_s)
             stack.push_async_callback(limiter.aclose)
-            upstream = UpstreamPool(UpstreamSettings(
-                connect_timeout_s=config.connect_timeout_s,
-                first_byte_timeout_s=config.run_timeout_s,
-                read_timeout_s=config.run_timeout_s,
-            ))
+            upstream: RuntimeCaller
+            if config.runtime_transport == "link":
+                upstream = LinkPool(LinkSettings(
+                    connect_timeout_s=config.connect_timeout_s,
+                    first_byte_timeout_s=config.run_timeout_s,
+                    read_timeout_s=config.run_timeout_s,
+                ), authorization=f"Bearer {config.runtime_token}".encode())
+            else:
+                upstream = UpstreamPool(UpstreamSettings(
+                    connect_timeout_s=config.connect_timeout_s,
+                    first_byte_timeout_s=config.run_timeout_s,
+                    read_timeout_s=config.run_timeout_s,
+                ))
             stack.push_async_callback(upstream.aclose)
             usage = UsageEmitter(
                 bootstrap_servers=config.kafka_bootstrap,

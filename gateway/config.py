@@ -68,6 +68,7 @@ class GatewayConfig:
     max_message_chars: int = 8_000
     widget_bundle: Path = DEFAULT_WIDGET_BUNDLE
     http: str = "gateway"  # gateway: chats skip ASGI (gateway.http); asgi: uvicorn's own protocol
+    runtime_transport: str = "link"  # link: runs multiplexed (gateway.link); http: one per socket
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -98,4 +99,5 @@ class GatewayConfig:
             max_body_bytes=int(_number(env, "GATEWAY_MAX_BODY_BYTES", 32 * 1024, minimum=64)),
             widget_bundle=Path(env.get("GATEWAY_WIDGET_BUNDLE") or DEFAULT_WIDGET_BUNDLE),
             http=_choice(env, "GATEWAY_HTTP", ("gateway", "asgi")),
+            runtime_transport=_choice(env, "GATEWAY_RUNTIME_TRANSPORT", ("link", "http")),
         )

@@ -18,11 +18,11 @@ from gateway.reply import ClientGone, Reply, reply_error
 from gateway.responses import Headers
 from gateway.sse import SseSplitter, encode_event
 from gateway.upstream import (
+    RuntimeAnswer,
+    RuntimeCaller,
     UpstreamConnectError,
     UpstreamError,
     UpstreamNoDescriptors,
-    UpstreamPool,
-    UpstreamResponse,
     UpstreamTimeout,
 )
 from gateway.usage import UsageEmitter, UsageRecord
@@ -60,7 +60,7 @@ class Outcome:
 class Relay:
     def __init__(
         self,
-        upstream: UpstreamPool,
+        upstream: RuntimeCaller,
         usage: UsageEmitter,
         metrics: GatewayMetrics,
         *,
@@ -144,7 +144,7 @@ class Relay:
             await response.aclose()
 
     async def _stream(
-        self, chat: ChatRequest, reply: Reply, response: UpstreamResponse, outcome: Outcome,
+        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome,
         started: float,
     ) -> int:
         await reply.start(200, [*_SSE_HEADERS, *chat.response_headers])
@@ -194,7 +194,7 @@ class Relay:
         return 200
 
     async def _collect(
-        self, chat: ChatRequest, reply: Reply, response: UpstreamResponse, outcome: Outcome,
+        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome,
         started: float,
     ) -> int:
         splitter = SseSplitter()
@@ -227,8 +227,8 @@ class Relay:
             "the agent runtime ended without an answer"))
 
     def _out_of_descriptors(self, exc: UpstreamNoDescriptors) -> None:
-        """Tell the operator, at most every `_DESCRIPTOR_WARNING_S`: each open chat holds two
-        descriptors (client and runtime), so a worker's open-files limit caps its streams."""
+        """Tell the operator, at most every `_DESCRIPTOR_WARNING_S`: each open chat holds a
+        descriptor (two over HTTP/1.1 to the runtime), so the open-files limit caps its streams."""
         now = time.monotonic()
         if now - self._descriptor_warned < _DESCRIPTOR_WARNING_S:
             return
@@ -236,8 +236,9 @@ class Relay:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.error(
             "refusing chats: no file descriptor left for a runtime connection (%s) with %d "
-            "chats open and RLIMIT_NOFILE %d; each open chat takes two, so raise the hard "
-            "limit (ulimit -Hn, systemd LimitNOFILE) or add workers", exc.__cause__,
+            "chats open and RLIMIT_NOFILE %d; each open chat takes one (two over "
+            "GATEWAY_RUNTIME_TRANSPORT=http), so raise the hard limit (ulimit -Hn, systemd "
+            "LimitNOFILE) or add workers", exc.__cause__,
             self.open_streams, soft,
         )
 

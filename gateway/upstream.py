@@ -27,8 +27,10 @@ import errno
 import ssl
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from types import TracebackType
+from typing import Protocol, Self
 
 from gateway.upstream_conn import (
     Headers,
@@ -41,6 +43,26 @@ from gateway.upstream_conn import (
 )
 
 _ROUTE_CACHE_SIZE = 4096
+
+
+class RuntimeAnswer(Protocol):
+    """What the relay reads: an `UpstreamResponse` or a `gateway.link.LinkResponse`."""
+
+    status: int
+
+    def iter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RuntimeCaller(Protocol):
+    """How the relay calls the runtime: `UpstreamPool` (HTTP/1.1) or `gateway.link.LinkPool`."""
+
+    async def request(
+        self, method: str, target: Target, headers: Headers = (), body: bytes = b""
+    ) -> RuntimeAnswer: ...
+
+    async def aclose(self) -> None: ...
 
 
 class UpstreamError(Exception):
@@ -231,7 +253,39 @@ class UpstreamPool:
         return route
 
 
-class UpstreamResponse:
+class StreamedBody:
+    """What every answer of the runtime shares: its body as an async iterator of the bytes
+    ready each time (`__anext__`), `read()` for all of it, and `aclose()` as a context."""
+
+    __slots__ = ()
+
+    def iter_raw(self) -> Self:
+        """Body bytes as they arrive, framing removed; each item is all that was ready."""
+        return self
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise NotImplementedError
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class UpstreamResponse(StreamedBody):
     """Status and headers of an answer whose body is still arriving.
 
     Read the body with `iter_raw()` or `read()`, then `aclose()`. The connection goes back to the
@@ -251,13 +305,6 @@ class UpstreamResponse:
         self._conn: UpstreamConnection | None = conn
         self._reusable = reusable
         self._ended = False
-
-    def iter_raw(self) -> UpstreamResponse:
-        """Body bytes as they arrive, chunked framing removed; each item is all that was ready."""
-        return self
-
-    def __aiter__(self) -> UpstreamResponse:
-        return self
 
     async def __anext__(self) -> bytes:
         conn = self._conn
@@ -285,9 +332,6 @@ class UpstreamResponse:
                 self._discard(conn)
                 raise UpstreamTimeout(f"{self._origin} sent nothing for {read_timeout} s")
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self])
-
     async def aclose(self) -> None:
         conn = self._conn
         if conn is None:
@@ -298,15 +342,6 @@ class UpstreamResponse:
             self._release(conn)
         else:
             self._discard(conn)
-
-    async def __aenter__(self) -> UpstreamResponse:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _release(self, conn: UpstreamConnection) -> None:
         self._conn = None

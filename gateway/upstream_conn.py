@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import NamedTuple, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -40,6 +40,30 @@ _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 class HeadersTooLarge(Exception):
     """The response head grew past the configured limit."""
+
+
+class Waits(Protocol):
+    """Something one consumer waits on for news: an upstream connection, a run on a link."""
+
+    waiter: asyncio.Future[bool] | None
+
+
+async def wait_until(loop: asyncio.AbstractEventLoop, holder: Waits, deadline: float) -> bool:
+    """Wait for `wake(holder)`; False if `deadline` (loop time) came first."""
+    waiter: asyncio.Future[bool] = loop.create_future()
+    holder.waiter = waiter
+    timer = loop.call_at(deadline, _expire, waiter)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        holder.waiter = None
+
+
+def wake(holder: Waits) -> None:
+    waiter = holder.waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(True)
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
@@ -122,14 +146,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def wait(self, deadline: float) -> bool:
         """Wait until something arrives or the connection ends; False if `deadline` came first."""
-        waiter: asyncio.Future[bool] = self.loop.create_future()
-        self.waiter = waiter
-        timer = self.loop.call_at(deadline, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
+        return await wait_until(self.loop, self, deadline)
 
     def close(self) -> None:
         self.busy = False
@@ -239,9 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+        wake(self)
 
 
 def parse_target(target: Target) -> Route:

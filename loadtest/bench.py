@@ -2,15 +2,16 @@
 
 Starts what `loadtest.bench_stack` describes (a minimal real stack, the canned runtime, a relay
 that does no work, and one gateway worker under each server: `uvicorn` with the gateway's own
-protocol for chats, as `python -m gateway` runs it, `uvicorn-asgi` with uvicorn's stock one, and
-granian; all on loopback, the gateways and the relay on core 0, this load generator and
+protocol for chats, as `python -m gateway` runs it, `uvicorn-asgi` with uvicorn's stock one,
+`uvicorn-http` as `uvicorn` but reaching the runtime over HTTP/1.1 instead of the runtime link,
+and granian; all on loopback, the gateways and the relay on core 0, this load generator and
 everything else on core 1), measures each server with `loadtest.bench_gateway`, profiles the
 first one with py-spy, then merges the runtime's and the CMP's own benchmarks
 (`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
-figures are the first server's) and its progress on stderr; about ten minutes.
+figures are the first server's) and its progress on stderr; about twelve minutes.
 
-    .venv/bin/python -m loadtest.bench [--quick] [--servers uvicorn,uvicorn-asgi,granian]
-                                       [--no-runtime] [--no-cmp]
+    .venv/bin/python -m loadtest.bench [--quick] [--no-runtime] [--no-cmp]
+                                       [--servers uvicorn,uvicorn-http,uvicorn-asgi,granian]
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ ROUND_TRIPS_MEASURED_AS = (
     "total / gateway_limiter_checks_total (one check per request); cross-check: redis_read_"
     "events_per_request, Redis INFO total_reads_processed per request (every client)")
 OPTIONS: tuple[tuple[str, type, object, str], ...] = (
-    ("--servers", str, "uvicorn,uvicorn-asgi,granian",
-     "servers (uvicorn, uvicorn-asgi, granian); the first one is profiled"),
+    ("--servers", str, "uvicorn,uvicorn-http,uvicorn-asgi,granian",
+     "servers (uvicorn, uvicorn-http, uvicorn-asgi, granian); the first one is profiled"),
     ("--rate", float, 2000.0, "open-loop requests/s for the overhead"),
     ("--low-rate", float, 500.0, "a rate the worker can take, for the overhead without queueing"),
     ("--seconds", float, 5.0, "per overhead run"),
@@ -210,6 +211,7 @@ def server_summary(found: dict[str, Any]) -> dict[str, Any]:
         "rps_at_full_core": best.get("rps_at_full_core"),
         "streams_per_worker": streams.get("streams_per_worker"),
         "kib_per_stream": streams.get("kib_per_stream"),
+        "open_files_per_stream": streams.get("open_files_per_stream"),
         "streams_bounded_by_open_files": streams.get("bounded_by_open_files_limit"),
         "ttft_overhead_ms": found.get("ttft", {}).get("ttft_overhead_ms"),
         "redis_round_trips_per_request": best.get("limiter_round_trips_per_check",
@@ -237,7 +239,7 @@ def notes(found: dict[str, Any], rate: float) -> list[str]:
                     "the overhead at that rate is mostly queueing; see at_*_per_s")
     if found.get("streams_bounded_by_open_files"):
         said.append("streams_per_worker was bounded by the worker's RLIMIT_NOFILE (each stream "
-                    "holds two descriptors); raising the hard limit needs CAP_SYS_RESOURCE")
+                    "holds a descriptor); raising the hard limit needs CAP_SYS_RESOURCE")
     return said
 
 

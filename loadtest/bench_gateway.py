@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import redis
 
+from gateway.link import LinkSettings
 from loadtest import loadgen
 
 Progress = Callable[[str], None]
@@ -46,6 +47,7 @@ class Target:
     redis_url: str
     neighbours: dict[str, int]  # processes on the load core: this one, upstream, Redis, Kafka
     relay_port: int  # a relay that does no work, on the gateway core, to the upstream
+    transport: str = "link"  # how the worker reaches the runtime (GATEWAY_RUNTIME_TRANSPORT)
 
     def via_gateway(self, flow: str) -> bytes:
         agent = self.agents[flow]
@@ -268,11 +270,14 @@ async def ttft(t: Target, *, rate: float, count: int, delay_ms: float,
 
 async def streams(t: Target, *, count: int, progress: Progress) -> dict[str, Any]:
     """Open `count` SSE streams that the upstream holds open (fewer if the worker's open-files
-    limit cannot hold them: each takes two descriptors, client and upstream); count them and
-    the worker's RSS growth per stream."""
+    limit cannot hold them: each takes a descriptor for its client, and over the runtime link
+    the links take up to `LinkSettings.max_links` more; over HTTP each takes a second one);
+    count them, the worker's descriptors and its RSS growth per stream."""
     await asyncio.sleep(0.5)
     held, limit = open_files(t.pid)
-    attempted = min(count, (limit - held - 64) // 2)
+    free = limit - held - 64
+    attempted = min(count, free // 2 if t.transport == "http" else
+                    free - LinkSettings().max_links)
     rss_before = rss_kib(t.pid)
     holder = loadgen.Holder(t.via_gateway("hold"))
     started = time.perf_counter()
@@ -281,6 +286,7 @@ async def streams(t: Target, *, count: int, progress: Progress) -> dict[str, Any
         opened_s = time.perf_counter() - started
         await asyncio.sleep(1.0)  # let the worker settle before reading its RSS
         open_now, rss_after = holder.streaming, rss_kib(t.pid)
+        files_holding, _ = open_files(t.pid)
         upstream_held = get_json(t.upstream_port, "/stats")["held"]
         gauge = scrape(t.gateway_port).get("gateway_open_streams")
     finally:
@@ -290,6 +296,8 @@ async def streams(t: Target, *, count: int, progress: Progress) -> dict[str, Any
         "target": count, "attempted": attempted, "streams_per_worker": open_now,
         "bounded_by_open_files_limit": attempted < count, "worker_open_files_limit": limit,
         "held_at_upstream": upstream_held, "gateway_open_streams_gauge": gauge,
+        "worker_open_files_before": held, "worker_open_files_while_holding": files_holding,
+        "open_files_per_stream": round((files_holding - held) / max(open_now, 1), 3),
         "kib_per_stream": round((rss_after - rss_before) / max(open_now, 1), 2),
         "rss_before_mib": round(rss_before / 1024, 1), "rss_after_mib": round(rss_after / 1024, 1),
         "open_seconds": round(opened_s, 1), "ttft_while_opening": loadgen.percentiles(

@@ -4,9 +4,11 @@ usage topic and the audit log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import redis.asyncio as aioredis
 
 from cmp.registry import DEFAULT_LIMITS, Limits
 from cmp.signing import SigningKey, active_signing_key
+from devstack.procs import free_port, http_ready
 from devstack.seed import create_tenant_agent
 from devstack.stack import Stack
 
@@ -90,6 +93,26 @@ async def gateway(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def signing_key(db: asyncpg.Connection) -> SigningKey:
     return await active_signing_key(db)
+
+
+@contextlib.contextmanager
+def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]:
+    """One more gateway worker on the session's stack, with `env` over the stack's settings;
+    yields its URL and stops it after."""
+    port = free_port()
+    base = stack.process("gateway")
+    process = dataclasses.replace(
+        base, name=name, popen=None,
+        env={**base.env, **env, "GATEWAY_PORT": str(port), "GATEWAY_WORKERS": "1",
+             "GATEWAY_SPOOL_DIR": str(stack.root / name / "spool")},
+        ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
+        log_path=stack.root / "logs" / f"{name}.log")
+    process.start()
+    try:
+        process.wait_ready()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
 
 
 def auth(key: str) -> dict[str, str]:

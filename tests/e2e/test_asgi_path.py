@@ -5,15 +5,13 @@ protocol, which the rest of the suite exercises."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from devstack.procs import free_port, http_ready
 from devstack.stack import Stack
-from tests.e2e.conftest import Tenant, UsageReader, auth, sse_events
+from tests.e2e.conftest import Tenant, UsageReader, auth, extra_gateway, sse_events
 
 SSE = {"accept": "text/event-stream"}
 
@@ -21,21 +19,8 @@ SSE = {"accept": "text/event-stream"}
 @pytest.fixture(scope="module")
 def asgi_gateway(stack: Stack) -> Iterator[str]:
     """One more gateway worker on the session's stack, serving chats through ASGI."""
-    port = free_port()
-    base = stack.process("gateway")
-    process = dataclasses.replace(
-        base, name="gateway-asgi", popen=None,
-        env={**base.env, "GATEWAY_HTTP": "asgi", "GATEWAY_PORT": str(port),
-             "GATEWAY_WORKERS": "1",
-             "GATEWAY_SPOOL_DIR": str(stack.root / "gateway-asgi" / "spool")},
-        ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
-        log_path=stack.root / "logs" / "gateway-asgi.log")
-    process.start()
-    try:
-        process.wait_ready()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.stop()
+    with extra_gateway(stack, "gateway-asgi", {"GATEWAY_HTTP": "asgi"}) as url:
+        yield url
 
 
 async def test_a_streamed_chat_and_its_usage(

@@ -16,6 +16,7 @@ REQUIRED = {
 def test_defaults_serve_chats_with_the_gateways_own_protocol() -> None:
     config = GatewayConfig.from_env(REQUIRED)
     assert config.http == "gateway"
+    assert config.runtime_transport == "link"
     assert config.workers == 2 and config.max_body_bytes == 32 * 1024
 
 
@@ -23,8 +24,15 @@ def test_the_stock_asgi_protocol_can_be_chosen() -> None:
     assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_HTTP": "asgi"}).http == "asgi"
 
 
+def test_runs_can_go_over_http_instead_of_the_link() -> None:
+    config = GatewayConfig.from_env({**REQUIRED, "GATEWAY_RUNTIME_TRANSPORT": "http"})
+    assert config.runtime_transport == "http"
+
+
 @pytest.mark.parametrize(("name", "value", "expected"), [
     ("GATEWAY_HTTP", "h2", "GATEWAY_HTTP must be one of gateway, asgi, got 'h2'"),
+    ("GATEWAY_RUNTIME_TRANSPORT", "grpc",
+     "GATEWAY_RUNTIME_TRANSPORT must be one of link, http, got 'grpc'"),
     ("GATEWAY_WORKERS", "0", "GATEWAY_WORKERS must be at least 1, got '0'"),
     ("GATEWAY_PORT", "70000", "GATEWAY_PORT must be at most 65535, got '70000'"),
     ("GATEWAY_DRAIN_TIMEOUT_S", "soon", "GATEWAY_DRAIN_TIMEOUT_S must be a number, got 'soon'"),

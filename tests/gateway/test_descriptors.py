@@ -98,7 +98,7 @@ async def test_a_chat_without_descriptors_gets_503_and_the_operator_a_warning(
                          "message": "the gateway has no free connections; retry shortly"}
     warnings = [r.getMessage() for r in caplog.records if "RLIMIT_NOFILE" in r.getMessage()]
     assert len(warnings) == 1, warnings  # once per interval, not once per chat
-    assert "each open chat takes two" in warnings[0]
+    assert "each open chat takes one (two over GATEWAY_RUNTIME_TRANSPORT=http)" in warnings[0]
     assert [r.status for r in usage.records] == ["failed", "failed"]
 
     # Descriptors free again: the same relay reaches the runtime again (here one that hangs up).

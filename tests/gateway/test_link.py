@@ -1,0 +1,313 @@
+"""The gateway's side of the runtime link: runs numbered on shared WebSockets, their answers,
+cancellation, the link's failures and GOAWAY, and how runs spread over links."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from devstack.procs import free_port
+from gateway.link import LinkPool, LinkSettings
+from gateway.upstream import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamNoDescriptors,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from tests.gateway.link_server import TOKEN, WAIT, LinkServer, goaway
+from tests.gateway.test_descriptors import no_free_descriptors
+
+HEADERS = [(b"authorization", TOKEN), (b"content-type", b"application/json"),
+           (b"x-request-id", b"req-1")]
+TOKENS = b'event: token\ndata: {"text":"Hel"}\n\n'
+END_EVENT = b'event: end\ndata: {"text":"Hello"}\n\n'
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LinkServer]:
+    server = LinkServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_pool(**settings: float) -> LinkPool:
+    options: dict[str, float] = {"connect_timeout_s": WAIT, "first_byte_timeout_s": WAIT,
+                                 "read_timeout_s": WAIT, **settings}
+    return LinkPool(LinkSettings(**options), authorization=TOKEN)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[LinkPool]:
+    pool = make_pool()
+    yield pool
+    await pool.aclose()
+
+
+async def test_a_run_carries_its_request_and_streams_its_answer(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b'{"q":1}'))
+    opened = await server.next_open()
+    assert opened.head == {"method": "POST", "path": "/flows/f1/stream", "headers": [
+        ["authorization", TOKEN.decode()], ["content-type", "application/json"],
+        ["x-request-id", "req-1"]]}
+    assert opened.body == b'{"q":1}'
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    assert response.status == 200
+    assert response.headers == [(b"content-type", b"text/event-stream; charset=utf-8")]
+    chunks = response.iter_raw()
+    await opened.send_data(TOKENS)
+    assert await anext(chunks) == TOKENS  # each part as it arrives, before the end
+    await opened.send_data(END_EVENT)
+    await opened.send_end()
+    assert await response.read() == END_EVENT
+    await response.aclose()
+
+    # The next run goes on the same link, with the next number.
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    second = await server.next_open()
+    assert second.stream_id == opened.stream_id + 1
+    await second.answer(b"ok")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"ok"
+    assert len(server.connections) == 1
+    assert server.cancels.empty()  # runs read to their end are not cancelled
+
+
+async def test_runs_interleave_on_one_link(server: LinkServer, pool: LinkPool) -> None:
+    first = asyncio.create_task(pool.request("POST", server.target("a"), HEADERS, b"{}"))
+    a = await server.next_open()
+    second = asyncio.create_task(pool.request("POST", server.target("b"), HEADERS, b"{}"))
+    b = await server.next_open()
+    assert (a.head["path"], b.head["path"]) == ("/flows/a/stream", "/flows/b/stream")
+    await b.send_head(404)
+    await a.send_head()
+    await b.send_data(b"b-body")
+    await a.send_data(b"a-1 ")
+    await b.send_end()
+    await a.send_data(b"a-2")
+    await a.send_end()
+    answer_a, answer_b = await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    assert (answer_a.status, await answer_a.read()) == (200, b"a-1 a-2")
+    assert (answer_b.status, await answer_b.read()) == (404, b"b-body")
+    assert len(server.connections) == 1
+
+
+async def test_closing_before_the_end_cancels_the_run(server: LinkServer, pool: LinkPool) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_head()
+    await opened.send_data(TOKENS)
+    response = await asyncio.wait_for(pending, WAIT)
+    assert await anext(response.iter_raw()) == TOKENS
+    await response.aclose()
+    assert await server.next_cancel() == (0, opened.stream_id)
+    # Frames the runtime sent before it saw the cancel are dropped; the link carries on.
+    await opened.send_data(b"late")
+    await opened.send_end()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await (await server.next_open()).answer(b"next")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"next"
+
+
+async def test_no_head_in_time_is_a_timeout_and_cancels(server: LinkServer) -> None:
+    pool = make_pool(first_byte_timeout_s=0.2)
+    try:
+        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+        opened = await server.next_open()
+        with pytest.raises(UpstreamTimeout, match="no response head within 0.2 s"):
+            await asyncio.wait_for(pending, WAIT)
+        assert await server.next_cancel() == (0, opened.stream_id)
+    finally:
+        await pool.aclose()
+
+
+async def test_a_silent_body_is_a_timeout_and_cancels(server: LinkServer) -> None:
+    pool = make_pool(read_timeout_s=0.2)
+    try:
+        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+        opened = await server.next_open()
+        await opened.send_head()
+        response = await asyncio.wait_for(pending, WAIT)
+        with pytest.raises(UpstreamTimeout, match="sent nothing for 0.2 s"):
+            await response.read()
+        assert await server.next_cancel() == (0, opened.stream_id)
+    finally:
+        await pool.aclose()
+
+
+async def test_the_link_closing_mid_body_ends_every_run_on_it(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                for _ in range(2)]
+    opened = [await server.next_open() for _ in pendings]
+    for run in opened:
+        await run.send_head()
+        await run.send_data(b"part")
+    responses = await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
+    await server.connections[0].close()
+    for response in responses:
+        with pytest.raises(UpstreamClosed, match="closed the runtime link mid-body"):
+            await asyncio.wait_for(response.read(), WAIT)
+    # The next run opens a new link.
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await (await server.next_open()).answer(b"again")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"again"
+    assert len(server.connections) == 2
+
+
+async def test_a_run_on_a_link_that_dies_before_its_head_goes_once_more_on_a_new_one(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await (await server.next_open()).answer(b"first")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"first"
+    # The runtime restarts between runs, as the gateway sends the next one.
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await (await server.next_open()).ws.close()
+    retried = await server.next_open()
+    assert retried.ws is server.connections[1]
+    await retried.answer(b"second")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"second"
+
+    # On a link opened for it, the run is not sent again.
+    await server.connections[1].close()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await (await server.next_open()).ws.close()
+    with pytest.raises(UpstreamClosed, match="without answering"):
+        await asyncio.wait_for(pending, WAIT)
+    assert server.opens.empty()
+
+
+async def test_goaway_sends_new_runs_to_a_new_link_and_lets_open_ones_finish(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    old = await server.next_open()
+    await old.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    await goaway(old.ws)
+    await asyncio.sleep(0.05)
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    new = await server.next_open()
+    assert new.ws is server.connections[1]
+    await new.answer(b"new")
+    assert await (await asyncio.wait_for(pending, WAIT)).read() == b"new"
+    await old.send_data(b"old")
+    await old.send_end()
+    assert await asyncio.wait_for(response.read(), WAIT) == b"old"
+    # With its last run over, the gateway closes the drained link itself.
+    await asyncio.wait_for(old.ws.wait_closed(), WAIT)
+
+
+async def test_runs_spread_over_links_up_to_the_limit(server: LinkServer) -> None:
+    pool = make_pool(streams_per_link=2, max_links=2)
+    try:
+        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                    for _ in range(5)]
+        opened = [await server.next_open() for _ in pendings]
+        per_link = [sum(1 for run in opened if run.ws is ws) for ws in server.connections]
+        # Two per link until the second link; past the limit the least busy link takes it.
+        assert sorted(per_link) == [2, 3]
+        assert pool.links == 2
+        for run in opened:
+            await run.answer(b"x")
+        for pending in pendings:
+            assert await (await asyncio.wait_for(pending, WAIT)).read() == b"x"
+    finally:
+        await pool.aclose()
+
+
+async def test_runs_arriving_while_a_link_opens_share_it(server: LinkServer) -> None:
+    pool = make_pool(streams_per_link=100)
+    try:
+        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                    for _ in range(10)]
+        for _ in pendings:
+            await (await server.next_open()).answer(b"y")
+        await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
+        assert len(server.connections) == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_an_answer_left_unread_past_the_buffer_limit_is_cancelled(
+    server: LinkServer,
+) -> None:
+    pool = make_pool(buffer_limit_bytes=1000)
+    try:
+        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+        opened = await server.next_open()
+        await opened.send_head()
+        response = await asyncio.wait_for(pending, WAIT)
+        await opened.send_data(b"a" * 600)
+        await opened.send_data(b"b" * 600)
+        assert await server.next_cancel() == (0, opened.stream_id)
+        with pytest.raises(UpstreamProtocolError, match="outgrew 1000 bytes unread"):
+            await response.read()
+    finally:
+        await pool.aclose()
+
+
+async def test_a_refused_handshake_names_the_refusal(server: LinkServer, pool: LinkPool) -> None:
+    server.refuse = True
+    with pytest.raises(UpstreamConnectError, match="refused the runtime link.*403"):
+        await pool.request("POST", server.target(), HEADERS, b"{}")
+    assert server.opens.empty()
+
+
+async def test_a_runtime_without_the_subprotocol_is_refused(pool: LinkPool) -> None:
+    server = LinkServer(subprotocol=None)
+    await server.start()
+    try:
+        with pytest.raises(UpstreamConnectError, match="did not accept sitekit-link.1"):
+            await pool.request("POST", server.target(), HEADERS, b"{}")
+    finally:
+        await server.stop()
+
+
+async def test_nothing_listening_is_a_connect_error(pool: LinkPool) -> None:
+    with pytest.raises(UpstreamConnectError) as caught:
+        await pool.request("POST", ("127.0.0.1", free_port(), "/flows/f/stream"), HEADERS)
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+async def test_a_text_message_breaks_the_link(server: LinkServer, pool: LinkPool) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    await opened.ws.send("not a frame")
+    with pytest.raises(UpstreamProtocolError, match="text message"):
+        await asyncio.wait_for(response.read(), WAIT)
+    await asyncio.wait_for(opened.ws.wait_closed(), WAIT)
+    assert opened.ws.close_code == 1002
+
+
+async def test_closing_the_pool_ends_open_runs(server: LinkServer) -> None:
+    pool = make_pool()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    await pool.aclose()
+    with pytest.raises(UpstreamClosed):
+        await asyncio.wait_for(response.read(), WAIT)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(opened.ws.wait_closed(), WAIT)
+    assert opened.ws.close_code == 1000
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.request("POST", server.target(), HEADERS, b"{}")
+
+
+async def test_no_descriptor_left_for_a_link_is_named(server: LinkServer, pool: LinkPool) -> None:
+    with no_free_descriptors(), pytest.raises(UpstreamNoDescriptors) as caught:
+        await pool.request("POST", server.target(), HEADERS, b"{}")
+    assert "Too many open files" in str(caught.value)
+    assert server.opens.empty()
