@@ -21,48 +21,26 @@ link takes it). Small links spread the runs over the runtime's workers, which ea
 connections of their own, as HTTP/1.1 connections did. A link that goes unused for
 `idle_expiry_s` is closed, down to one per origin.
 
-WebSocket framing and the handshake come from `websockets`' sans-I/O protocol, about 6 µs of CPU
-for a run's frames; HTTP/2 through `h2` would cost about 109 µs per request, most of a worker's
-budget.
+A link is a WebSocket (`gateway.link_conn`). HTTP/2 would multiplex as well, but through `h2`
+it costs about 109 µs of CPU per request, most of a worker's budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import struct
 import time
 from dataclasses import dataclass, fields
-from typing import cast
 
-import orjson
-from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.protocol import State
-from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
-
+from gateway.link_conn import LinkConnection, LinkStream
 from gateway.upstream import (
     StreamedBody,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamNoDescriptors,
-    UpstreamProtocolError,
     UpstreamTimeout,
 )
-from gateway.upstream_conn import Headers, Origin, Target, parse_target, wait_until, wake
-
-SUBPROTOCOL = Subprotocol("sitekit-link.1")
-LINK_PATH = "/link"
-
-OPEN, CANCEL = 1, 2  # gateway -> runtime
-HEAD, DATA, END, GOAWAY = 1, 2, 3, 4  # runtime -> gateway
-_FRAME = struct.Struct(">IB")
-_OPEN_HEAD = struct.Struct(">IBH")
-_STATUS = struct.Struct(">H")
-_MAX_STREAM_ID = 2**32 - 1
+from gateway.upstream_conn import Headers, Origin, Target, parse_target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,250 +61,6 @@ class LinkSettings:
             value = getattr(self, spec.name)
             if value <= 0:
                 raise ValueError(f"LinkSettings.{spec.name} must be positive, got {value!r}")
-
-
-class LinkStream:
-    """One run's answer as it arrives on its link."""
-
-    __slots__ = ("link", "stream_id", "status", "headers", "headers_done", "complete", "chunks",
-                 "buffered", "waiter", "error")
-
-    def __init__(self, link: LinkConnection, stream_id: int) -> None:
-        self.link = link
-        self.stream_id = stream_id
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.complete = False
-        self.chunks: list[bytes] = []
-        self.buffered = 0
-        self.waiter: asyncio.Future[bool] | None = None
-        self.error: Exception | None = None
-
-    def take(self) -> bytes:
-        chunks = self.chunks
-        if not chunks:
-            return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered = 0
-        return data
-
-    async def wait(self, deadline: float) -> bool:
-        """Wait until something arrives or the stream ends; False if `deadline` came first."""
-        return await wait_until(self.link.loop, self, deadline)
-
-    def wake(self) -> None:
-        wake(self)
-
-
-class LinkConnection(asyncio.Protocol):
-    """One WebSocket to the runtime carrying numbered runs."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, origin: Origin, authorization: bytes,
-        settings: LinkSettings,
-    ) -> None:
-        self.loop = loop
-        self.origin = origin
-        self.settings = settings
-        uri = parse_uri(f"ws://{_authority(origin)}{LINK_PATH}")
-        self.ws = ClientProtocol(uri, subprotocols=[SUBPROTOCOL],
-                                 max_size=settings.max_message_bytes)
-        self._request = self.ws.connect()
-        self._request.headers["Authorization"] = authorization.decode("latin-1")
-        self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.streams: dict[int, LinkStream] = {}
-        self.next_id = 1
-        self.draining = False
-        self.lost = False
-        self.lost_exc: Exception | None = None
-        self.idle_since = time.monotonic()
-        self._partial: list[bytes] = []
-
-    # --- used by the pool ---------------------------------------------------------------
-
-    @property
-    def usable(self) -> bool:
-        return self.ready.done() and not self.lost and not self.draining \
-            and self.next_id < _MAX_STREAM_ID
-
-    def open(self, method: str, path: str, headers: Headers, body: bytes) -> LinkStream:
-        stream_id = self.next_id
-        self.next_id += 1
-        head = orjson.dumps({
-            "method": method, "path": path,
-            "headers": [[name.decode("latin-1"), value.decode("latin-1")]
-                        for name, value in headers],
-        })
-        stream = LinkStream(self, stream_id)
-        self.streams[stream_id] = stream
-        self._send(_OPEN_HEAD.pack(stream_id, OPEN, len(head)) + head + body)
-        return stream
-
-    def cancel(self, stream: LinkStream) -> None:
-        """The caller no longer wants the answer; the runtime cancels the run."""
-        if self.streams.pop(stream.stream_id, None) is not None:
-            self._send(_FRAME.pack(stream.stream_id, CANCEL))
-            self._settled()
-
-    def finished(self, stream: LinkStream) -> None:
-        if self.streams.pop(stream.stream_id, None) is not None:
-            self._settled()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.lost:
-            if self.ws.state is State.OPEN:
-                self.ws.send_close(1000)
-            self._flush()
-            self.transport.close()
-
-    # --- asyncio.Protocol ---------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.ws.send_request(self._request)
-        self._flush()
-
-    def data_received(self, data: bytes) -> None:
-        ws = self.ws
-        ws.receive_data(data)
-        events = ws.events_received()
-        self._flush()  # pongs and the answer to a close
-        for event in events:
-            if isinstance(event, Frame):
-                self._frame(event)
-            else:
-                self._handshake(cast(Response, event))
-        if self.lost or (self.ready.done() and ws.state is not State.OPEN):
-            self._lose(None)  # the runtime closed the link: its runs end here
-
-    def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lose(exc)
-
-    # --- internals ----------------------------------------------------------------------
-
-    def _handshake(self, response: Response) -> None:
-        if self.ready.done():
-            return
-        failure = self.ws.handshake_exc
-        if failure is None and self.ws.subprotocol != SUBPROTOCOL:
-            failure = InvalidHandshake(f"the runtime did not accept {SUBPROTOCOL}")
-        if failure is not None:
-            status = f"HTTP {response.status_code}: " if response.status_code != 101 else ""
-            self.ready.set_exception(UpstreamConnectError(
-                f"{self.origin} refused the runtime link ({status}{failure})"))
-            self.lost = True
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.ready.set_result(None)
-
-    def _frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.CONT or (opcode is Opcode.BINARY and not frame.fin):
-            self._partial.append(bytes(frame.data))
-            if not frame.fin:
-                return
-            data = b"".join(self._partial)
-            self._partial.clear()
-        elif opcode is Opcode.BINARY:
-            data = bytes(frame.data)
-        elif opcode is Opcode.TEXT:
-            self._violation("the runtime sent a text message")
-            return
-        else:
-            return  # ping, pong, close: the protocol object answers them
-        if len(data) < _FRAME.size:
-            self._violation(f"a frame of {len(data)} bytes")
-            return
-        stream_id, kind = _FRAME.unpack_from(data)
-        if stream_id == 0:
-            if kind == GOAWAY:
-                self.draining = True
-                if not self.streams:
-                    self.close()
-            return
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return  # cancelled here while the runtime was still answering
-        if kind == DATA:
-            stream.chunks.append(data[_FRAME.size:])
-            stream.buffered += len(data) - _FRAME.size
-            if stream.buffered > self.settings.buffer_limit_bytes:
-                stream.error = UpstreamProtocolError(
-                    f"{self.origin}: the answer outgrew {self.settings.buffer_limit_bytes} "
-                    f"bytes unread")
-                self.cancel(stream)
-        elif kind == HEAD and not stream.headers_done:
-            try:
-                stream.status = _STATUS.unpack_from(data, _FRAME.size)[0]
-                raw = orjson.loads(data[_FRAME.size + _STATUS.size:] or b"[]")
-                stream.headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                                  for name, value in raw]
-            except (struct.error, orjson.JSONDecodeError, TypeError, ValueError,
-                    AttributeError) as exc:
-                stream.error = UpstreamProtocolError(f"{self.origin} sent an invalid head: {exc}")
-                self.cancel(stream)
-            else:
-                stream.headers_done = True
-        elif kind == END and stream.headers_done:
-            stream.complete = True
-            self.finished(stream)
-        else:
-            stream.error = UpstreamProtocolError(
-                f"{self.origin} sent frame kind {kind} out of order")
-            self.cancel(stream)
-        stream.wake()
-
-    def _violation(self, what: str) -> None:
-        self.ws.fail(1002, f"{what}, which sitekit-link.1 does not allow")
-        self._flush()
-        error = UpstreamProtocolError(f"{self.origin} broke the runtime link: {what}")
-        for stream in self.streams.values():
-            stream.error = error
-        self._lose(error)
-        if self.transport is not None:
-            self.transport.close()
-
-    def _send(self, payload: bytes) -> None:
-        if self.lost or self.ws.state is not State.OPEN:
-            return  # closing: the run's wait ends when the connection does
-        self.ws.send_binary(payload)
-        self._flush()
-
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            data = self.ws.data_to_send()
-            if data:
-                transport.write(b"".join(data))
-
-    def _settled(self) -> None:
-        if not self.streams:
-            self.idle_since = time.monotonic()
-            if self.draining:
-                self.close()
-
-    def _lose(self, exc: Exception | None) -> None:
-        if self.lost and not self.streams and self.ready.done():
-            return
-        self.lost = True
-        if self.lost_exc is None:
-            self.lost_exc = exc
-        if not self.ready.done():
-            self.ready.set_exception(UpstreamConnectError(
-                f"{self.origin} closed the runtime link before its handshake ended"))
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.wake()
-        if self.transport is not None:
-            self.transport.close()
 
 
 @dataclass(slots=True)
@@ -439,13 +173,15 @@ class LinkPool:
     async def _connect(self, origin: Origin) -> LinkConnection:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        link = LinkConnection(loop, origin, self._authorization, settings)
+        link = LinkConnection(loop, origin, self._authorization,
+                              buffer_limit=settings.buffer_limit_bytes,
+                              max_message_bytes=settings.max_message_bytes)
         try:
             async with asyncio.timeout(settings.connect_timeout_s):
                 await loop.create_connection(lambda: link, origin.host, origin.port)
                 await link.ready
         except TimeoutError as exc:  # before OSError: TimeoutError is one
-            link._lose(None)
+            link.close()
             raise UpstreamTimeout(f"opening the runtime link to {origin} took longer than "
                                   f"{settings.connect_timeout_s} s") from exc
         except OSError as exc:
@@ -533,9 +269,3 @@ class LinkResponse(StreamedBody):
         self._stream = None
         if not stream.complete:
             stream.link.cancel(stream)
-
-
-def _authority(origin: Origin) -> str:
-    host = f"[{origin.host}]" if ":" in origin.host else origin.host
-    return f"{host}:{origin.port}"
-

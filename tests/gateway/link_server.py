@@ -15,7 +15,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from gateway.link import CANCEL, DATA, END, GOAWAY, HEAD, OPEN
+from gateway.link_conn import CANCEL, DATA, END, GOAWAY, HEAD, OPEN
 
 TOKEN = b"Bearer link-test-token"
 WAIT = 5.0  # upper bound on waiting for a server-side event, so a broken client fails, not hangs

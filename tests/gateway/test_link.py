@@ -11,6 +11,7 @@ import pytest
 
 from devstack.procs import free_port
 from gateway.link import LinkPool, LinkSettings
+from gateway.link_conn import DATA
 from gateway.upstream import (
     UpstreamClosed,
     UpstreamConnectError,
@@ -18,7 +19,7 @@ from gateway.upstream import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from tests.gateway.link_server import TOKEN, WAIT, LinkServer, goaway
+from tests.gateway.link_server import TOKEN, WAIT, LinkServer, frame, goaway
 from tests.gateway.test_descriptors import no_free_descriptors
 
 HEADERS = [(b"authorization", TOKEN), (b"content-type", b"application/json"),
@@ -311,3 +312,33 @@ async def test_no_descriptor_left_for_a_link_is_named(server: LinkServer, pool: 
         await pool.request("POST", server.target(), HEADERS, b"{}")
     assert "Too many open files" in str(caught.value)
     assert server.opens.empty()
+
+
+async def test_frames_out_of_order_fail_the_run_and_cancel_it(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_data(b"body before its head")
+    with pytest.raises(UpstreamProtocolError, match="frame kind 2 out of order"):
+        await asyncio.wait_for(pending, WAIT)
+    assert await server.next_cancel() == (0, opened.stream_id)
+
+
+async def test_pings_are_answered_and_big_and_fragmented_messages_arrive_whole(
+    server: LinkServer, pool: LinkPool
+) -> None:
+    body = bytes(range(256)) * 300  # 76,800 bytes: a 64-bit length each way
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, body))
+    opened = await server.next_open()
+    assert opened.body == body
+    pong = await opened.ws.ping(b"are you there")
+    await asyncio.wait_for(pong, WAIT)
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    medium = b"m" * 300  # a 16-bit length
+    await opened.send_data(medium)
+    # One link frame in three WebSocket fragments.
+    await opened.ws.send([frame(opened.stream_id, DATA), body[:1000], body[1000:]])
+    await opened.send_end()
+    assert await asyncio.wait_for(response.read(), WAIT) == medium + body
