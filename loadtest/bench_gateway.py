@@ -142,12 +142,19 @@ def _median(values: list[float]) -> float | None:
 Targets = dict[str, Target]  # by ASGI server; all share one upstream, Redis and Kafka
 
 
-async def _round(targets: Targets, rate: float, seconds: float) -> dict[str, dict[str, Any]]:
-    """One open-loop run direct, one through the relay, then one through each server."""
+async def _round(
+    targets: Targets, rate: float, seconds: float, turn: int = 0
+) -> dict[str, dict[str, Any]]:
+    """One open-loop run direct, one through the relay, then one through each server, starting
+    with the `turn`-th: the servers take turns at going first, so that none is always measured
+    right after the baselines or always last."""
     first = next(iter(targets.values()))
     runs = {name: await loadgen.open_loop(port, first.direct("fast"), rate, seconds)
             for name, port in (("direct", first.upstream_port), ("relay", first.relay_port))}
-    for server, t in targets.items():
+    servers = list(targets)
+    turn %= len(servers)
+    for server in servers[turn:] + servers[:turn]:
+        t = targets[server]
         runs[server] = await loadgen.open_loop(t.gateway_port, t.via_gateway("fast"), rate,
                                                seconds)
     return {name: tally.summary() for name, tally in runs.items()}
@@ -161,7 +168,7 @@ async def overhead(targets: Targets, *, rate: float, seconds: float, rounds: int
     await _round(targets, rate, 1.0)  # warm-up
     runs = []
     for index in range(rounds):
-        runs.append(await _round(targets, rate, seconds))
+        runs.append(await _round(targets, rate, seconds, index))
         progress(f"    {rate:.0f}/s round {index + 1}: p50 " + ", ".join(
             f"{name} {run['latency']['p50_ms']} ms" for name, run in runs[-1].items()))
     return {server: {"rate_per_s": rate, "seconds": seconds, **_medians(runs, server),
