@@ -28,19 +28,13 @@ it costs about 109 µs of CPU per request, most of a worker's budget.
 from __future__ import annotations
 
 import asyncio
-import errno
+import ssl
 import time
 from dataclasses import dataclass, fields
 
 from gateway.link_conn import LinkConnection, LinkStream
-from gateway.upstream import (
-    StreamedBody,
-    UpstreamClosed,
-    UpstreamConnectError,
-    UpstreamNoDescriptors,
-    UpstreamTimeout,
-)
-from gateway.upstream_conn import Headers, Origin, Target, parse_target
+from gateway.upstream import StreamedBody, UpstreamClosed, UpstreamTimeout, connect
+from gateway.upstream_conn import Headers, Origin, Route, Target, parse_target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,12 +68,16 @@ class _Opening:
 class LinkPool:
     """Runtime links per origin; runs spread over them (see the module's docstring)."""
 
-    def __init__(self, settings: LinkSettings | None = None, *, authorization: bytes) -> None:
+    def __init__(
+        self, settings: LinkSettings | None = None, *, authorization: bytes,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings or LinkSettings()
         self._authorization = authorization
+        self._ssl_context = ssl_context
         self._links: dict[Origin, list[LinkConnection]] = {}
         self._opening: dict[Origin, list[_Opening]] = {}
-        self._paths: dict[Target, tuple[Origin, str]] = {}
+        self._routes: dict[Target, Route] = {}
         self._reaped_at = 0.0
         self._closed = False
 
@@ -89,13 +87,13 @@ class LinkPool:
         """Start one run; return once its status and headers are in."""
         if self._closed:
             raise RuntimeError("the link pool is closed")
-        found = self._paths.get(target)
-        if found is None:
-            found = self._remember(target)
-        origin, path = found
+        route = self._routes.get(target)
+        if route is None:
+            route = self._remember(target)
+        origin = route.origin
         for attempt in (1, 2):
-            link, fresh = await self._link_for(origin)
-            stream = link.open(method, path, headers, body)
+            link, fresh = await self._link_for(route)
+            stream = link.open(method, route.path.decode("ascii"), headers, body)
             response = await self._head(link, stream)
             if response is not None:
                 return response
@@ -134,8 +132,9 @@ class LinkPool:
             raise
         return LinkResponse(self, stream)
 
-    async def _link_for(self, origin: Origin) -> tuple[LinkConnection, bool]:
+    async def _link_for(self, route: Route) -> tuple[LinkConnection, bool]:
         """A link with room for one more run, and whether it was opened for this one."""
+        origin = route.origin
         links = self._links.get(origin)
         if links is None:
             links = self._links[origin] = []
@@ -159,7 +158,7 @@ class LinkPool:
         opening = min(openings, key=lambda o: o.claims, default=None)
         if opening is None or (opening.claims >= limit
                                and len(links) + len(openings) < self.settings.max_links):
-            opening = _Opening(asyncio.ensure_future(self._connect(origin)))
+            opening = _Opening(asyncio.ensure_future(self._connect(route)))
             openings.append(opening)
             opening.link.add_done_callback(lambda _: self._opened(origin, opening))
         opening.claims += 1
@@ -170,30 +169,24 @@ class LinkPool:
         if not opening.link.cancelled():
             opening.link.exception()  # its waiters raise it; this only marks it retrieved
 
-    async def _connect(self, origin: Origin) -> LinkConnection:
+    async def _connect(self, route: Route) -> LinkConnection:
         loop = asyncio.get_running_loop()
-        settings = self.settings
-        link = LinkConnection(loop, origin, self._authorization,
+        settings, origin = self.settings, route.origin
+        link = LinkConnection(loop, origin, route.authority, self._authorization,
                               buffer_limit=settings.buffer_limit_bytes,
                               max_message_bytes=settings.max_message_bytes)
         try:
             async with asyncio.timeout(settings.connect_timeout_s):
-                await loop.create_connection(lambda: link, origin.host, origin.port)
+                await connect(loop, link, origin, self._ssl_context)
                 await link.ready
-        except TimeoutError as exc:  # before OSError: TimeoutError is one
+        except TimeoutError as exc:
             link.close()
             raise UpstreamTimeout(f"opening the runtime link to {origin} took longer than "
                                   f"{settings.connect_timeout_s} s") from exc
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise UpstreamNoDescriptors(f"cannot connect to {origin}: {exc}") from exc
-            raise UpstreamConnectError(f"cannot connect to {origin}: {exc}") from exc
         if self._closed:
             link.close()
             raise RuntimeError("the link pool is closed")
-        links = self._links.setdefault(origin, [])
-        links[:] = [other for other in links if not other.lost]
-        links.append(link)
+        self._links.setdefault(origin, []).append(link)  # lost ones go at the next _reap
         return link
 
     def _reap(self, links: list[LinkConnection], now: float) -> None:
@@ -209,16 +202,12 @@ class LinkPool:
             keep.append(link)
         links[:] = keep
 
-    def _remember(self, target: Target) -> tuple[Origin, str]:
+    def _remember(self, target: Target) -> Route:
         route = parse_target(target)
-        if route.origin.tls:
-            raise ValueError(f"the runtime link does not speak TLS: {target!r}")
-        # parse_target's line is b" <path> HTTP/1.1\r\nhost: ...": the path is its second word.
-        path = route.line.split(b" ", 2)[1].decode("ascii")
-        if len(self._paths) >= 4096:
-            self._paths.clear()
-        self._paths[target] = found = (route.origin, path)
-        return found
+        if len(self._routes) >= 4096:
+            self._routes.clear()
+        self._routes[target] = route
+        return route
 
 
 class LinkResponse(StreamedBody):

@@ -97,11 +97,12 @@ class LinkConnection(asyncio.Protocol):
     """One WebSocket to the runtime carrying numbered runs."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, origin: Origin, authorization: bytes, *,
-        buffer_limit: int, max_message_bytes: int,
+        self, loop: asyncio.AbstractEventLoop, origin: Origin, authority: bytes,
+        authorization: bytes, *, buffer_limit: int, max_message_bytes: int,
     ) -> None:
         self.loop = loop
         self.origin = origin
+        self._authority = authority
         self.buffer_limit = buffer_limit
         self.max_message_bytes = max_message_bytes
         self.transport: asyncio.Transport | None = None
@@ -160,13 +161,12 @@ class LinkConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        host = f"[{self.origin.host}]" if ":" in self.origin.host else self.origin.host
         self.transport.write(
-            b"GET %s HTTP/1.1\r\nhost: %s:%d\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"GET %s HTTP/1.1\r\nhost: %s\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             b"sec-websocket-key: %s\r\nsec-websocket-version: 13\r\n"
             b"sec-websocket-protocol: %s\r\nauthorization: %s\r\n\r\n" % (
-                LINK_PATH, host.encode("idna"), self.origin.port, self._key.encode(),
-                SUBPROTOCOL, self._authorization))
+                LINK_PATH, self._authority, self._key.encode(), SUBPROTOCOL,
+                self._authorization))
 
     def data_received(self, data: bytes) -> None:
         if self._handshake is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ssl
 import time
 from collections import deque
@@ -224,26 +225,13 @@ class UpstreamPool:
             max_header_bytes=settings.max_header_bytes,
             buffer_limit=settings.buffer_limit_bytes,
         )
-        context = self._tls_context() if origin.tls else None
         try:
             async with asyncio.timeout(settings.connect_timeout_s):
-                await loop.create_connection(
-                    lambda: conn, origin.host, origin.port,
-                    ssl=context, server_hostname=origin.host if context is not None else None,
-                )
-        except TimeoutError as exc:  # before OSError: TimeoutError is one
+                await connect(loop, conn, origin, self._ssl_context)
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"connecting to {origin} took longer than "
                                   f"{settings.connect_timeout_s} s") from exc
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise UpstreamNoDescriptors(f"cannot connect to {origin}: {exc}") from exc
-            raise UpstreamConnectError(f"cannot connect to {origin}: {exc}") from exc
         return conn
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context
 
     def _remember(self, target: Target) -> Route:
         route = parse_target(target)
@@ -251,6 +239,31 @@ class UpstreamPool:
             self._routes.clear()
         self._routes[target] = route
         return route
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, origin: Origin,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Connect `protocol` to `origin` (over TLS with `ssl_context`, or the system's CAs), with
+    a connection failure as an `UpstreamConnectError`; the caller bounds the wait."""
+    context = (ssl_context or _default_tls_context()) if origin.tls else None
+    try:
+        await loop.create_connection(
+            lambda: protocol, origin.host, origin.port,
+            ssl=context, server_hostname=origin.host if context is not None else None,
+        )
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            raise  # the caller's bound, which it names
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise UpstreamNoDescriptors(f"cannot connect to {origin}: {exc}") from exc
+        raise UpstreamConnectError(f"cannot connect to {origin}: {exc}") from exc
+
+
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
 
 
 class StreamedBody:

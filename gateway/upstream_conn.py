@@ -32,6 +32,8 @@ class Origin(NamedTuple):
 class Route(NamedTuple):
     origin: Origin
     line: bytes  # b" <path> HTTP/1.1\r\nhost: <authority>\r\n", between method and headers
+    path: bytes
+    authority: bytes  # the Host header's value
 
 
 _MANAGED_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding"))
@@ -184,7 +186,7 @@ class UpstreamConnection(asyncio.Protocol):
             # push back instead of growing this one.
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        wake(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -194,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
             # (RFC 9112 section 6.3, last rule).
             self.complete = True
             self.keep_alive = False
-        self._wake()
+        wake(self)
 
     # --- httptools callbacks ----------------------------------------------------------------
 
@@ -253,9 +255,6 @@ class UpstreamConnection(asyncio.Protocol):
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             self.error = cause if isinstance(cause, Exception) else ValueError(str(exc))
         self.close()
-        self._wake()
-
-    def _wake(self) -> None:
         wake(self)
 
 
@@ -287,7 +286,7 @@ def parse_target(target: Target) -> Route:
     if not raw_path.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in raw_path):
         raise ValueError(f"upstream path must start with / and hold no spaces: {target!r}")
     line = b" %s HTTP/1.1\r\nhost: %s\r\n" % (raw_path, raw_authority)
-    return Route(Origin(tls, host, port), line)
+    return Route(Origin(tls, host, port), line, raw_path, raw_authority)
 
 
 def encode_request(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -51,7 +52,11 @@ class Opened:
 
 
 class LinkServer:
-    def __init__(self, *, subprotocol: str | None = "sitekit-link.1") -> None:
+    def __init__(
+        self, *, subprotocol: str | None = "sitekit-link.1",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._ssl_context = ssl_context
         self.opens: asyncio.Queue[Opened] = asyncio.Queue()
         self.cancels: asyncio.Queue[tuple[int, int]] = asyncio.Queue()  # (connection, stream)
         self.connections: list[ServerConnection] = []
@@ -62,7 +67,7 @@ class LinkServer:
 
     async def start(self) -> None:
         self._server = await serve(
-            self._serve, "127.0.0.1", 0, process_request=self._check,
+            self._serve, "127.0.0.1", 0, process_request=self._check, ssl=self._ssl_context,
             subprotocols=[self._subprotocol] if self._subprotocol else None,  # type: ignore[list-item]
             select_subprotocol=None if self._subprotocol else (lambda *_: None),
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -36,17 +37,30 @@ async def server() -> AsyncIterator[LinkServer]:
     await server.stop()
 
 
-def make_pool(**settings: float) -> LinkPool:
-    options: dict[str, float] = {"connect_timeout_s": WAIT, "first_byte_timeout_s": WAIT,
-                                 "read_timeout_s": WAIT, **settings}
-    return LinkPool(LinkSettings(**options), authorization=TOKEN)  # type: ignore[arg-type]
+MakePool = Callable[..., LinkPool]
 
 
 @pytest.fixture
-async def pool() -> AsyncIterator[LinkPool]:
-    pool = make_pool()
-    yield pool
-    await pool.aclose()
+async def make_pool() -> AsyncIterator[MakePool]:
+    """Pools with waits of `WAIT` unless told otherwise; all closed after the test."""
+    pools: list[LinkPool] = []
+
+    def make(ssl_context: ssl.SSLContext | None = None, **settings: float) -> LinkPool:
+        options: dict[str, float] = {"connect_timeout_s": WAIT, "first_byte_timeout_s": WAIT,
+                                     "read_timeout_s": WAIT, **settings}
+        pool = LinkPool(LinkSettings(**options),  # type: ignore[arg-type]
+                        authorization=TOKEN, ssl_context=ssl_context)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.aclose()
+
+
+@pytest.fixture
+def pool(make_pool: MakePool) -> LinkPool:
+    return make_pool()
 
 
 async def test_a_run_carries_its_request_and_streams_its_answer(
@@ -116,30 +130,28 @@ async def test_closing_before_the_end_cancels_the_run(server: LinkServer, pool: 
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"next"
 
 
-async def test_no_head_in_time_is_a_timeout_and_cancels(server: LinkServer) -> None:
+async def test_no_head_in_time_is_a_timeout_and_cancels(
+    server: LinkServer, make_pool: MakePool
+) -> None:
     pool = make_pool(first_byte_timeout_s=0.2)
-    try:
-        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-        opened = await server.next_open()
-        with pytest.raises(UpstreamTimeout, match="no response head within 0.2 s"):
-            await asyncio.wait_for(pending, WAIT)
-        assert await server.next_cancel() == (0, opened.stream_id)
-    finally:
-        await pool.aclose()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    with pytest.raises(UpstreamTimeout, match="no response head within 0.2 s"):
+        await asyncio.wait_for(pending, WAIT)
+    assert await server.next_cancel() == (0, opened.stream_id)
 
 
-async def test_a_silent_body_is_a_timeout_and_cancels(server: LinkServer) -> None:
+async def test_a_silent_body_is_a_timeout_and_cancels(
+    server: LinkServer, make_pool: MakePool
+) -> None:
     pool = make_pool(read_timeout_s=0.2)
-    try:
-        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-        opened = await server.next_open()
-        await opened.send_head()
-        response = await asyncio.wait_for(pending, WAIT)
-        with pytest.raises(UpstreamTimeout, match="sent nothing for 0.2 s"):
-            await response.read()
-        assert await server.next_cancel() == (0, opened.stream_id)
-    finally:
-        await pool.aclose()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    with pytest.raises(UpstreamTimeout, match="sent nothing for 0.2 s"):
+        await response.read()
+    assert await server.next_cancel() == (0, opened.stream_id)
 
 
 async def test_the_link_closing_mid_body_ends_every_run_on_it(
@@ -207,53 +219,48 @@ async def test_goaway_sends_new_runs_to_a_new_link_and_lets_open_ones_finish(
     await asyncio.wait_for(old.ws.wait_closed(), WAIT)
 
 
-async def test_runs_spread_over_links_up_to_the_limit(server: LinkServer) -> None:
+async def test_runs_spread_over_links_up_to_the_limit(
+    server: LinkServer, make_pool: MakePool
+) -> None:
     pool = make_pool(streams_per_link=2, max_links=2)
-    try:
-        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-                    for _ in range(5)]
-        opened = [await server.next_open() for _ in pendings]
-        per_link = [sum(1 for run in opened if run.ws is ws) for ws in server.connections]
-        # Two per link until the second link; past the limit the least busy link takes it.
-        assert sorted(per_link) == [2, 3]
-        assert pool.links == 2
-        for run in opened:
-            await run.answer(b"x")
-        for pending in pendings:
-            assert await (await asyncio.wait_for(pending, WAIT)).read() == b"x"
-    finally:
-        await pool.aclose()
+    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                for _ in range(5)]
+    opened = [await server.next_open() for _ in pendings]
+    per_link = [sum(1 for run in opened if run.ws is ws) for ws in server.connections]
+    # Two per link until the second link; past the limit the least busy link takes it.
+    assert sorted(per_link) == [2, 3]
+    assert pool.links == 2
+    for run in opened:
+        await run.answer(b"x")
+    for pending in pendings:
+        assert await (await asyncio.wait_for(pending, WAIT)).read() == b"x"
 
 
-async def test_runs_arriving_while_a_link_opens_share_it(server: LinkServer) -> None:
+async def test_runs_arriving_while_a_link_opens_share_it(
+    server: LinkServer, make_pool: MakePool
+) -> None:
     pool = make_pool(streams_per_link=100)
-    try:
-        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-                    for _ in range(10)]
-        for _ in pendings:
-            await (await server.next_open()).answer(b"y")
-        await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
-        assert len(server.connections) == 1
-    finally:
-        await pool.aclose()
+    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                for _ in range(10)]
+    for _ in pendings:
+        await (await server.next_open()).answer(b"y")
+    await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
+    assert len(server.connections) == 1
 
 
 async def test_an_answer_left_unread_past_the_buffer_limit_is_cancelled(
-    server: LinkServer,
+    server: LinkServer, make_pool: MakePool,
 ) -> None:
     pool = make_pool(buffer_limit_bytes=1000)
-    try:
-        pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-        opened = await server.next_open()
-        await opened.send_head()
-        response = await asyncio.wait_for(pending, WAIT)
-        await opened.send_data(b"a" * 600)
-        await opened.send_data(b"b" * 600)
-        assert await server.next_cancel() == (0, opened.stream_id)
-        with pytest.raises(UpstreamProtocolError, match="outgrew 1000 bytes unread"):
-            await response.read()
-    finally:
-        await pool.aclose()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    opened = await server.next_open()
+    await opened.send_head()
+    response = await asyncio.wait_for(pending, WAIT)
+    await opened.send_data(b"a" * 600)
+    await opened.send_data(b"b" * 600)
+    assert await server.next_cancel() == (0, opened.stream_id)
+    with pytest.raises(UpstreamProtocolError, match="outgrew 1000 bytes unread"):
+        await response.read()
 
 
 async def test_a_refused_handshake_names_the_refusal(server: LinkServer, pool: LinkPool) -> None:
@@ -291,7 +298,7 @@ async def test_a_text_message_breaks_the_link(server: LinkServer, pool: LinkPool
     assert opened.ws.close_code == 1002
 
 
-async def test_closing_the_pool_ends_open_runs(server: LinkServer) -> None:
+async def test_closing_the_pool_ends_open_runs(server: LinkServer, make_pool: MakePool) -> None:
     pool = make_pool()
     pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
     opened = await server.next_open()
@@ -342,3 +349,21 @@ async def test_pings_are_answered_and_big_and_fragmented_messages_arrive_whole(
     await opened.ws.send([frame(opened.stream_id, DATA), body[:1000], body[1000:]])
     await opened.send_end()
     assert await asyncio.wait_for(response.read(), WAIT) == medium + body
+
+
+async def test_a_link_over_tls(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext], make_pool: MakePool
+) -> None:
+    server_context, client_context = tls_pair
+    server = LinkServer(ssl_context=server_context)
+    await server.start()
+    try:
+        target = f"https://127.0.0.1:{server.port}/flows/f1/stream"
+        pending = asyncio.create_task(
+            make_pool(ssl_context=client_context).request("POST", target, HEADERS, b"{}"))
+        await (await server.next_open()).answer(b"private")
+        assert await (await asyncio.wait_for(pending, WAIT)).read() == b"private"
+        with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await make_pool().request("POST", target, HEADERS, b"{}")  # the system's CAs
+    finally:
+        await server.stop()
