@@ -197,3 +197,30 @@ async def test_http_answers_beside_a_link(runtime: Runtime) -> None:
         assert (await runtime.http("POST", "/flows/nope/stream")).status_code == 404
         stats = await runtime.http("GET", "/stats")
         assert stats.json() == {"held": 1, "requests": 4}  # /stats counts itself
+
+
+async def test_a_fragmented_message_closes_the_link_with_1002(runtime: Runtime) -> None:
+    async with runtime.link() as ws:
+        await ws.send([open_frame(1, "/flows/fast/stream")[:5], b"rest"])
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws, 1)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1002
+    assert "fragmented" in closed.value.rcvd.reason
+
+
+async def test_long_messages_with_16_and_64_bit_lengths(runtime: Runtime) -> None:
+    async with runtime.link() as ws:
+        for stream_id, size in ((1, 300), (3, 70_000)):
+            await ws.send(open_frame(stream_id, "/flows/fast/stream") + b" " * size)
+            assert [kind for _, kind, _ in await receive(ws, 3)] == [HEAD, DATA, END]
+
+
+async def test_an_upgrade_without_the_subprotocol_is_refused(runtime: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", runtime.port)
+    writer.write(b"GET /link HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                 b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"sec-websocket-version: 13\r\n\r\n")
+    async with asyncio.timeout(WAIT):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
