@@ -18,6 +18,7 @@ import asyncio
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -99,6 +100,7 @@ class LinkConnection(asyncio.Protocol):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, origin: Origin, authority: bytes,
         authorization: bytes, *, buffer_limit: int, max_message_bytes: int,
+        settled: Callable[[LinkConnection], None] | None = None,
     ) -> None:
         self.loop = loop
         self.origin = origin
@@ -110,9 +112,12 @@ class LinkConnection(asyncio.Protocol):
         self.streams: dict[int, LinkStream] = {}
         self.next_id = 1
         self.draining = False
+        self.closing = False
         self.lost = False
         self.lost_exc: Exception | None = None
         self.idle_since = time.monotonic()
+        self.listed = False  # in its pool's stack of links with room for a run
+        self._on_settled = settled  # called each time one of its runs ends or is cancelled
         self._key = generate_key()
         self._authorization = authorization
         self._handshake: _HandshakeHead | None = _HandshakeHead()
@@ -129,7 +134,7 @@ class LinkConnection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self.ready.done() and not self.lost and not self.draining \
-            and self.next_id < MAX_STREAM_ID
+            and not self.closing and self.next_id < MAX_STREAM_ID
 
     def open(self, method: str, path: str, headers: Headers, body: bytes) -> LinkStream:
         stream_id = self.next_id
@@ -151,6 +156,7 @@ class LinkConnection(asyncio.Protocol):
             self._settled()
 
     def close(self, code: int = 1000, reason: bytes = b"") -> None:
+        self.closing = True
         if self.transport is not None and not self.lost:
             if self.ready.done() and not self._close_sent:
                 self._send(_CLOSE, _STATUS.pack(code) + reason[:123])
@@ -353,6 +359,8 @@ class LinkConnection(asyncio.Protocol):
             self.idle_since = time.monotonic()
             if self.draining:
                 self.close()
+        if self._on_settled is not None:
+            self._on_settled(self)
 
     def _lose(self, exc: Exception | None) -> None:
         if self.lost and not self.streams and self.ready.done():

@@ -94,7 +94,8 @@ async def test_a_run_carries_its_request_and_streams_its_answer(
     assert server.cancels.empty()  # runs read to their end are not cancelled
 
 
-async def test_runs_interleave_on_one_link(server: LinkServer, pool: LinkPool) -> None:
+async def test_runs_interleave_on_one_link(server: LinkServer, make_pool: MakePool) -> None:
+    pool = make_pool(streams_per_link=16)
     first = asyncio.create_task(pool.request("POST", server.target("a"), HEADERS, b"{}"))
     a = await server.next_open()
     second = asyncio.create_task(pool.request("POST", server.target("b"), HEADERS, b"{}"))
@@ -155,8 +156,9 @@ async def test_a_silent_body_is_a_timeout_and_cancels(
 
 
 async def test_the_link_closing_mid_body_ends_every_run_on_it(
-    server: LinkServer, pool: LinkPool
+    server: LinkServer, make_pool: MakePool
 ) -> None:
+    pool = make_pool(streams_per_link=16)
     pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
                 for _ in range(2)]
     opened = [await server.next_open() for _ in pendings]
@@ -234,6 +236,42 @@ async def test_runs_spread_over_links_up_to_the_limit(
         await run.answer(b"x")
     for pending in pendings:
         assert await (await asyncio.wait_for(pending, WAIT)).read() == b"x"
+
+
+async def test_by_default_each_run_has_a_link_of_its_own_up_to_max_links(
+    server: LinkServer, make_pool: MakePool
+) -> None:
+    """As HTTP/1.1 connections would, so that a runtime's workers each get their share."""
+    pool = make_pool(max_links=3)
+    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                for _ in range(5)]
+    opened = [await server.next_open() for _ in pendings]
+    assert sorted(sum(1 for run in opened if run.ws is ws) for ws in server.connections) == [
+        1, 2, 2]
+    for run in opened:
+        await run.answer(b"z")
+    await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
+    # Done runs free their links for the next ones: no new link while one is idle.
+    again = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+             for _ in range(3)]
+    for _ in again:
+        await (await server.next_open()).answer(b"z")
+    await asyncio.wait_for(asyncio.gather(*again), WAIT)
+    assert len(server.connections) == 3
+
+
+async def test_a_link_filled_as_it_opened_takes_runs_again_once_they_end(
+    server: LinkServer, make_pool: MakePool
+) -> None:
+    pool = make_pool(streams_per_link=2)
+    for _ in range(3):
+        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                    for _ in range(2)]
+        for _ in pendings:
+            await (await server.next_open()).answer(b"w")
+        for pending in pendings:
+            assert await (await asyncio.wait_for(pending, WAIT)).read() == b"w"
+    assert len(server.connections) == 1
 
 
 async def test_runs_arriving_while_a_link_opens_share_it(
