@@ -85,19 +85,17 @@ def build_app(config: GatewayConfig) -> Front:
             listener = ChangeListener(redis, registry, revoked, refresh_jwks)
             limiter = BucketLimiter.from_url(config.redis_url, timeout=config.redis_timeout_s)
             stack.push_async_callback(limiter.aclose)
-            upstream: RuntimeCaller
-            if config.runtime_transport == "link":
+            upstream: RuntimeCaller = UpstreamPool(UpstreamSettings(
+                connect_timeout_s=config.connect_timeout_s,
+                first_byte_timeout_s=config.run_timeout_s,
+                read_timeout_s=config.run_timeout_s,
+            ))
+            if config.runtime_transport == "link":  # over HTTP/1.1 where the link is not served
                 upstream = LinkPool(LinkSettings(
                     connect_timeout_s=config.connect_timeout_s,
                     first_byte_timeout_s=config.run_timeout_s,
                     read_timeout_s=config.run_timeout_s,
-                ), authorization=f"Bearer {config.runtime_token}".encode())
-            else:
-                upstream = UpstreamPool(UpstreamSettings(
-                    connect_timeout_s=config.connect_timeout_s,
-                    first_byte_timeout_s=config.run_timeout_s,
-                    read_timeout_s=config.run_timeout_s,
-                ))
+                ), authorization=f"Bearer {config.runtime_token}".encode(), fallback=upstream)
             stack.push_async_callback(upstream.aclose)
             usage = UsageEmitter(
                 bootstrap_servers=config.kafka_bootstrap,

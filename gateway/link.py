@@ -29,6 +29,10 @@ token was 268-291 ms; with one run to a link the workers shared them (2.7 and 2.
 189-195 ms, as over HTTP/1.1 (203-227). Links pay off where descriptors run out: 10,000 open
 chats go over 256 links.
 
+A runtime that answers the upgrade as one that does not serve the link would (404, 405, 400,
+426 or 501: an older runtime, or a proxy that does not upgrade) gets its runs over HTTP/1.1,
+through the `fallback` pool, for `without_link_s`; then the link is tried again.
+
 A link is a WebSocket (`gateway.link_conn`). HTTP/2 would multiplex as well, but through `h2`
 it costs about 109 µs of CPU per request, most of a worker's budget.
 """
@@ -36,13 +40,23 @@ it costs about 109 µs of CPU per request, most of a worker's budget.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from dataclasses import dataclass, field, fields
 
-from gateway.link_conn import LinkConnection, LinkStream
-from gateway.upstream import StreamedBody, UpstreamClosed, UpstreamTimeout, connect
+from gateway.link_conn import LinkConnection, LinkRefused, LinkStream
+from gateway.upstream import (
+    RuntimeAnswer,
+    RuntimeCaller,
+    StreamedBody,
+    UpstreamClosed,
+    UpstreamTimeout,
+    connect,
+)
 from gateway.upstream_conn import Headers, Origin, Route, Target, parse_target
+
+log = logging.getLogger("sitekit.gateway")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +71,7 @@ class LinkSettings:
     idle_expiry_s: float = 30.0
     buffer_limit_bytes: int = 1024 * 1024
     max_message_bytes: int = 16 * 1024 * 1024
+    without_link_s: float = 60.0  # runs to a runtime that does not serve the link go elsewhere
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -90,11 +105,13 @@ class LinkPool:
 
     def __init__(
         self, settings: LinkSettings | None = None, *, authorization: bytes,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None, fallback: RuntimeCaller | None = None,
     ) -> None:
         self.settings = settings or LinkSettings()
         self._authorization = authorization
         self._ssl_context = ssl_context
+        self._fallback = fallback
+        self._without_link: dict[Origin, float] = {}  # origin -> when to try the link again
         self._links: dict[Origin, _Links] = {}
         self._routes: dict[Target, Route] = {}
         self._reaped_at = 0.0
@@ -102,7 +119,7 @@ class LinkPool:
 
     async def request(
         self, method: str, target: Target, headers: Headers = (), body: bytes = b""
-    ) -> LinkResponse:
+    ) -> RuntimeAnswer:
         """Start one run; return once its status and headers are in."""
         if self._closed:
             raise RuntimeError("the link pool is closed")
@@ -110,8 +127,17 @@ class LinkPool:
         if route is None:
             route = self._remember(target)
         origin = route.origin
+        if self._without_link and self._fallback is not None \
+                and self._without_link.get(origin, 0.0) > time.monotonic():
+            return await self._fallback.request(method, target, headers, body)
         for attempt in (1, 2):
-            link, fresh = await self._link_for(route)
+            try:
+                link, fresh = await self._link_for(route)
+            except LinkRefused as exc:
+                if self._fallback is None or not exc.not_served:
+                    raise
+                self._fall_back(origin, exc)
+                return await self._fallback.request(method, target, headers, body)
             stream = link.open(method, route.path.decode("ascii"), headers, body)
             response = await self._head(link, stream)
             if response is not None:
@@ -123,6 +149,14 @@ class LinkPool:
             # cancelled the run there. Once more on a fresh link; never after a byte.
         raise AssertionError("unreachable")
 
+    def _fall_back(self, origin: Origin, refusal: LinkRefused) -> None:
+        """`origin` does not serve the link (an older runtime, say): its runs go over HTTP/1.1
+        for `without_link_s`, then the link is tried again."""
+        if self._without_link.get(origin, 0.0) <= time.monotonic():
+            log.warning("%s; its runs go over HTTP/1.1 for %g s, then the link is tried "
+                        "again", refusal, self.settings.without_link_s)
+        self._without_link[origin] = time.monotonic() + self.settings.without_link_s
+
     async def aclose(self) -> None:
         """Close every link; runs still open on them end as closed mid-answer."""
         self._closed = True
@@ -130,6 +164,8 @@ class LinkPool:
             for link in links.all:
                 link.close()
         self._links.clear()
+        if self._fallback is not None:
+            await self._fallback.aclose()
 
     @property
     def links(self) -> int:

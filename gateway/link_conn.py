@@ -48,6 +48,22 @@ _MAX_HANDSHAKE_BYTES = 16 * 1024
 _MASKS_AT_ONCE = 1024
 
 
+class LinkRefused(UpstreamConnectError):
+    """The runtime answered the upgrade to the link with something else than the link."""
+
+    # What a server that does not serve the link at all answers: no such path or method, no
+    # upgrades there, or not implemented (an older runtime, or a proxy that does not upgrade).
+    NOT_SERVED = frozenset({400, 404, 405, 426, 501})
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def not_served(self) -> bool:
+        return self.status in self.NOT_SERVED
+
+
 class LinkStream:
     """One run's answer as it arrives on its link."""
 
@@ -207,7 +223,7 @@ class LinkConnection(asyncio.Protocol):
         status, headers = self._parser.get_status_code(), head.headers
         self._handshake = None
         if status != 101:
-            self._refused(f"HTTP {status}")
+            self._refused(f"HTTP {status}", status)
         elif headers.get(b"upgrade", b"").lower() != b"websocket":
             self._refused("no Upgrade: websocket in its answer")
         elif headers.get(b"sec-websocket-accept") != accept_key(self._key).encode():
@@ -219,10 +235,10 @@ class LinkConnection(asyncio.Protocol):
             return rest
         return b""
 
-    def _refused(self, why: str) -> None:
+    def _refused(self, why: str, status: int | None = None) -> None:
         self._handshake = None
-        self.ready.set_exception(UpstreamConnectError(
-            f"{self.origin} refused the runtime link ({why})"))
+        self.ready.set_exception(LinkRefused(f"{self.origin} refused the runtime link ({why})",
+                                             status))
         self.lost = True
         if self.transport is not None:
             self.transport.close()

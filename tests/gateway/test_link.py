@@ -17,10 +17,12 @@ from gateway.upstream import (
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamNoDescriptors,
+    UpstreamPool,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from tests.gateway.link_server import TOKEN, WAIT, LinkServer, frame, goaway
+from tests.gateway.raw_server import RawServer, chunk
 from tests.gateway.test_descriptors import no_free_descriptors
 
 HEADERS = [(b"authorization", TOKEN), (b"content-type", b"application/json"),
@@ -45,11 +47,12 @@ async def make_pool() -> AsyncIterator[MakePool]:
     """Pools with waits of `WAIT` unless told otherwise; all closed after the test."""
     pools: list[LinkPool] = []
 
-    def make(ssl_context: ssl.SSLContext | None = None, **settings: float) -> LinkPool:
+    def make(ssl_context: ssl.SSLContext | None = None, fallback: UpstreamPool | None = None,
+             **settings: float) -> LinkPool:
         options: dict[str, float] = {"connect_timeout_s": WAIT, "first_byte_timeout_s": WAIT,
                                      "read_timeout_s": WAIT, **settings}
         pool = LinkPool(LinkSettings(**options),  # type: ignore[arg-type]
-                        authorization=TOKEN, ssl_context=ssl_context)
+                        authorization=TOKEN, ssl_context=ssl_context, fallback=fallback)
         pools.append(pool)
         return pool
 
@@ -306,6 +309,73 @@ async def test_a_refused_handshake_names_the_refusal(server: LinkServer, pool: L
     with pytest.raises(UpstreamConnectError, match="refused the runtime link.*403"):
         await pool.request("POST", server.target(), HEADERS, b"{}")
     assert server.opens.empty()
+
+
+def http_only_runtime(refusal: bytes) -> RawServer:
+    """A runtime that answers `GET /link` with `refusal` and each run over HTTP/1.1."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await server.read_request(reader)) is not None:
+            if request.startswith(b"GET /link "):
+                writer.write(b"HTTP/1.1 %s\r\ncontent-length: 0\r\n\r\n" % refusal)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n" + chunk(TOKENS) + b"0\r\n\r\n")
+
+    server = RawServer(handler)
+    return server
+
+
+async def test_a_runtime_that_does_not_serve_the_link_gets_runs_over_http_for_a_while(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = http_only_runtime(b"404 Not Found")
+    await server.start()
+    try:
+        pool = make_pool(fallback=UpstreamPool(), without_link_s=0.5)
+        target = ("127.0.0.1", server.port, "/flows/f1/stream")
+
+        async def run() -> bytes:
+            return await (await pool.request("POST", target, HEADERS, b"{}")).read()
+
+        assert await asyncio.gather(run(), run()) == [TOKENS, TOKENS]
+        assert await run() == TOKENS
+        upgrades = [r for r in server.requests if r.startswith(b"GET /link ")]
+        runs = [r for r in server.requests if r.startswith(b"POST /flows/f1/stream ")]
+        assert (len(upgrades), len(runs)) == (2, 3)  # the third run did not try the link
+        assert [r.message for r in caplog.records if "refused the runtime link" in r.message] \
+            == [f"http://127.0.0.1:{server.port} refused the runtime link (HTTP 404); its runs "
+                "go over HTTP/1.1 for 0.5 s, then the link is tried again"]
+        await asyncio.sleep(0.6)
+        assert await run() == TOKENS
+        assert len([r for r in server.requests if r.startswith(b"GET /link ")]) == 3
+    finally:
+        await server.stop()
+
+
+async def test_a_refusal_that_http_would_get_too_is_not_a_reason_to_fall_back(
+    make_pool: MakePool
+) -> None:
+    server = http_only_runtime(b"401 Unauthorized")
+    await server.start()
+    try:
+        pool = make_pool(fallback=UpstreamPool())
+        with pytest.raises(UpstreamConnectError, match="refused the runtime link.*HTTP 401"):
+            await pool.request("POST", ("127.0.0.1", server.port, "/f"), HEADERS, b"{}")
+        assert [r.split(b" ", 1)[0] for r in server.requests] == [b"GET"]
+    finally:
+        await server.stop()
+
+
+async def test_without_a_fallback_a_runtime_that_does_not_serve_the_link_is_an_error(
+    pool: LinkPool
+) -> None:
+    server = http_only_runtime(b"404 Not Found")
+    await server.start()
+    try:
+        with pytest.raises(UpstreamConnectError, match="refused the runtime link.*HTTP 404"):
+            await pool.request("POST", ("127.0.0.1", server.port, "/f"), HEADERS, b"{}")
+    finally:
+        await server.stop()
 
 
 async def test_a_runtime_without_the_subprotocol_is_refused(pool: LinkPool) -> None:
