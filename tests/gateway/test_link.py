@@ -241,6 +241,16 @@ async def test_runs_spread_over_links_up_to_the_limit(
         assert await (await asyncio.wait_for(pending, WAIT)).read() == b"x"
 
 
+async def runs_at_once(pool: LinkPool, server: LinkServer, count: int) -> None:
+    """`count` runs started together, each answered as the server sees it, all read whole."""
+    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+                for _ in range(count)]
+    for index in range(count):
+        await (await server.next_open()).answer(b"answer %d" % index)
+    answers = [await (await asyncio.wait_for(p, WAIT)).read() for p in pendings]
+    assert sorted(answers) == sorted(b"answer %d" % index for index in range(count))
+
+
 async def test_by_default_each_run_has_a_link_of_its_own_up_to_max_links(
     server: LinkServer, make_pool: MakePool
 ) -> None:
@@ -255,37 +265,20 @@ async def test_by_default_each_run_has_a_link_of_its_own_up_to_max_links(
         await run.answer(b"z")
     await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
     # Done runs free their links for the next ones: no new link while one is idle.
-    again = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-             for _ in range(3)]
-    for _ in again:
-        await (await server.next_open()).answer(b"z")
-    await asyncio.wait_for(asyncio.gather(*again), WAIT)
+    await runs_at_once(pool, server, 3)
     assert len(server.connections) == 3
 
 
-async def test_a_link_filled_as_it_opened_takes_runs_again_once_they_end(
-    server: LinkServer, make_pool: MakePool
+@pytest.mark.parametrize(("streams_per_link", "rounds", "runs"), [
+    pytest.param(100, 1, 10, id="runs-arriving-while-it-opens-share-it"),
+    pytest.param(2, 3, 2, id="filled-as-it-opened-it-takes-runs-again-once-they-end"),
+])
+async def test_one_link_while_runs_fit_on_it(
+    server: LinkServer, make_pool: MakePool, streams_per_link: int, rounds: int, runs: int
 ) -> None:
-    pool = make_pool(streams_per_link=2)
-    for _ in range(3):
-        pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-                    for _ in range(2)]
-        for _ in pendings:
-            await (await server.next_open()).answer(b"w")
-        for pending in pendings:
-            assert await (await asyncio.wait_for(pending, WAIT)).read() == b"w"
-    assert len(server.connections) == 1
-
-
-async def test_runs_arriving_while_a_link_opens_share_it(
-    server: LinkServer, make_pool: MakePool
-) -> None:
-    pool = make_pool(streams_per_link=100)
-    pendings = [asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-                for _ in range(10)]
-    for _ in pendings:
-        await (await server.next_open()).answer(b"y")
-    await asyncio.wait_for(asyncio.gather(*pendings), WAIT)
+    pool = make_pool(streams_per_link=streams_per_link)
+    for _ in range(rounds):
+        await runs_at_once(pool, server, runs)
     assert len(server.connections) == 1
 
 
@@ -311,7 +304,8 @@ async def test_a_refused_handshake_names_the_refusal(server: LinkServer, pool: L
     assert server.opens.empty()
 
 
-def http_only_runtime(refusal: bytes) -> RawServer:
+@contextlib.asynccontextmanager
+async def http_only_runtime(refusal: bytes) -> AsyncIterator[RawServer]:
     """A runtime that answers `GET /link` with `refusal` and each run over HTTP/1.1."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (request := await server.read_request(reader)) is not None:
@@ -322,15 +316,17 @@ def http_only_runtime(refusal: bytes) -> RawServer:
                              b"transfer-encoding: chunked\r\n\r\n" + chunk(TOKENS) + b"0\r\n\r\n")
 
     server = RawServer(handler)
-    return server
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 async def test_a_runtime_that_does_not_serve_the_link_gets_runs_over_http_for_a_while(
     make_pool: MakePool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = http_only_runtime(b"404 Not Found")
-    await server.start()
-    try:
+    async with http_only_runtime(b"404 Not Found") as server:
         pool = make_pool(fallback=UpstreamPool(), without_link_s=0.5)
         target = ("127.0.0.1", server.port, "/flows/f1/stream")
 
@@ -348,34 +344,21 @@ async def test_a_runtime_that_does_not_serve_the_link_gets_runs_over_http_for_a_
         await asyncio.sleep(0.6)
         assert await run() == TOKENS
         assert len([r for r in server.requests if r.startswith(b"GET /link ")]) == 3
-    finally:
-        await server.stop()
 
 
-async def test_a_refusal_that_http_would_get_too_is_not_a_reason_to_fall_back(
-    make_pool: MakePool
+@pytest.mark.parametrize(("refusal", "fallback"), [
+    pytest.param(b"401 Unauthorized", True, id="one-that-http-would-get-too"),
+    pytest.param(b"404 Not Found", False, id="no-link-and-no-fallback"),
+])
+async def test_a_refusal_not_to_fall_back_from_fails_the_run(
+    make_pool: MakePool, refusal: bytes, fallback: bool
 ) -> None:
-    server = http_only_runtime(b"401 Unauthorized")
-    await server.start()
-    try:
-        pool = make_pool(fallback=UpstreamPool())
-        with pytest.raises(UpstreamConnectError, match="refused the runtime link.*HTTP 401"):
+    async with http_only_runtime(refusal) as server:
+        pool = make_pool(fallback=UpstreamPool() if fallback else None)
+        with pytest.raises(UpstreamConnectError,
+                           match=f"refused the runtime link.*HTTP {refusal[:3].decode()}"):
             await pool.request("POST", ("127.0.0.1", server.port, "/f"), HEADERS, b"{}")
         assert [r.split(b" ", 1)[0] for r in server.requests] == [b"GET"]
-    finally:
-        await server.stop()
-
-
-async def test_without_a_fallback_a_runtime_that_does_not_serve_the_link_is_an_error(
-    pool: LinkPool
-) -> None:
-    server = http_only_runtime(b"404 Not Found")
-    await server.start()
-    try:
-        with pytest.raises(UpstreamConnectError, match="refused the runtime link.*HTTP 404"):
-            await pool.request("POST", ("127.0.0.1", server.port, "/f"), HEADERS, b"{}")
-    finally:
-        await server.stop()
 
 
 async def test_a_runtime_without_the_subprotocol_is_refused(pool: LinkPool) -> None:
