@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import socket
 import ssl
 import time
 from collections import deque
@@ -249,7 +250,7 @@ async def connect(
     a connection failure as an `UpstreamConnectError`; the caller bounds the wait."""
     context = (ssl_context or _default_tls_context()) if origin.tls else None
     try:
-        await loop.create_connection(
+        transport, _ = await loop.create_connection(
             lambda: protocol, origin.host, origin.port,
             ssl=context, server_hostname=origin.host if context is not None else None,
         )
@@ -259,6 +260,22 @@ async def connect(
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise UpstreamNoDescriptors(f"cannot connect to {origin}: {exc}") from exc
         raise UpstreamConnectError(f"cannot connect to {origin}: {exc}") from exc
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        for level, option, value in KEEPALIVE:
+            sock.setsockopt(level, option, value)
+
+
+# Idle connections and links to the runtime are kept for the next runs. A runtime host that
+# vanishes without a reset (power, network) would leave them looking open, and the next run on
+# one would wait for its first-byte timeout. With TCP keepalive the kernel probes a connection
+# after 10 s of silence and closes it after three unanswered probes 5 s apart: within 25 s.
+KEEPALIVE = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+)
 
 
 @functools.cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -95,3 +96,19 @@ async def keep_alive_server(serve: ServeRaw, body: bytes = b"ok") -> RawServer:
     server = await serve(keep_answering(box, body))
     box.append(server)
     return server
+
+
+def keepalive_timers(server_port: int) -> list[float | None]:
+    """For each established TCP connection to `server_port` on this machine (read from
+    /proc/net/tcp, as the kernel keeps it): seconds until its keepalive probe, None if the
+    kernel has no keepalive timer on it."""
+    found: list[float | None] = []
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rpartition(":")[2], 16)
+            if remote_port != server_port or fields[3] != "01":  # 01: ESTABLISHED
+                continue
+            timer, _, when = fields[5].partition(":")
+            found.append(int(when, 16) / os.sysconf("SC_CLK_TCK") if timer == "02" else None)
+    return found

@@ -22,7 +22,7 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 from tests.gateway.link_server import TOKEN, WAIT, LinkServer, frame, goaway
-from tests.gateway.raw_server import RawServer, chunk
+from tests.gateway.raw_server import RawServer, chunk, keepalive_timers
 from tests.gateway.test_descriptors import no_free_descriptors
 
 HEADERS = [(b"authorization", TOKEN), (b"content-type", b"application/json"),
@@ -458,3 +458,11 @@ async def test_a_link_over_tls(
             await make_pool().request("POST", target, HEADERS, b"{}")  # the system's CAs
     finally:
         await server.stop()
+
+
+async def test_idle_links_are_probed_by_tcp_keepalive(server: LinkServer, pool: LinkPool) -> None:
+    """So that a runtime host gone without a reset is found before a run waits on its link."""
+    await runs_at_once(pool, server, 1)
+    timers = keepalive_timers(server.port)
+    assert len(timers) == 1
+    assert timers[0] is not None and 5 < timers[0] <= 10

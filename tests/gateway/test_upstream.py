@@ -18,6 +18,7 @@ from tests.gateway.raw_server import (
     answer,
     chunk,
     keep_alive_server,
+    keepalive_timers,
 )
 
 # --- bodies and streaming -------------------------------------------------------------------
@@ -287,3 +288,15 @@ async def test_connection_closed_while_idle_is_not_used(
         while server.connections < 2:
             assert await (await pool.request("GET", server.url())).read() == b"ok"
     assert len(server.requests) == server.connections  # no request was lost on a dead one
+
+
+async def test_idle_connections_are_probed_by_tcp_keepalive(
+    serve: ServeRaw, pool: UpstreamPool
+) -> None:
+    """So that a runtime host gone without a reset is found before a run waits on it."""
+    server = await keep_alive_server(serve)
+    response = await pool.request("GET", server.url("/"))
+    assert await response.read() == b"ok"
+    timers = keepalive_timers(server.port)
+    assert len(timers) == 1
+    assert timers[0] is not None and 5 < timers[0] <= 10
