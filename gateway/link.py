@@ -1,10 +1,10 @@
-"""Many runs over few connections to the runtime: the gateway's side of the runtime link
+"""Runs numbered on shared connections to the runtime: the gateway's side of the runtime link
 (`sitekit-link.1`; the frames are described in runtime/link.py).
 
 Over HTTP/1.1 every open chat holds a second socket, to the runtime, so a worker's open chats
-are capped at half its open-files limit. Over the link a worker holds a few connections per
-runtime origin and numbers its runs on them. The pool answers like `UpstreamPool`, with the same
-errors, so the relay does not know which one it calls:
+are capped at half its open-files limit. Over the link a worker holds at most `max_links`
+connections per runtime origin and numbers its runs on them. The pool answers like
+`UpstreamPool`, with the same errors, so the relay does not know which one it calls:
 
     pool = LinkPool(authorization=b"Bearer <runtime token>")
     response = await pool.request("POST", ("runtime", 8000, "/flows/f/stream"), headers, body)

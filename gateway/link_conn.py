@@ -31,7 +31,7 @@ except ImportError:  # a platform without websockets' C extension
     from websockets.utils import apply_mask
 
 from gateway.upstream import UpstreamConnectError, UpstreamProtocolError
-from gateway.upstream_conn import Headers, Origin, wait_until, wake
+from gateway.upstream_conn import Headers, Origin, joined, wait_until, wake
 
 SUBPROTOCOL = b"sitekit-link.1"
 LINK_PATH = b"/link"
@@ -83,13 +83,9 @@ class LinkStream:
         self.error: Exception | None = None
 
     def take(self) -> bytes:
-        chunks = self.chunks
-        if not chunks:
-            return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        """All body bytes received and not yet taken (b"" if none)."""
         self.buffered = 0
-        return data
+        return joined(self.chunks)
 
     async def wait(self, deadline: float) -> bool:
         """Wait until something arrives or the stream ends; False if `deadline` came first."""

@@ -62,6 +62,15 @@ async def wait_until(loop: asyncio.AbstractEventLoop, holder: Waits, deadline: f
         holder.waiter = None
 
 
+def joined(chunks: list[bytes]) -> bytes:
+    """Every chunk received and not yet taken, as one (b"" if none); `chunks` is emptied."""
+    if not chunks:
+        return b""
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    chunks.clear()
+    return data
+
+
 def wake(holder: Waits) -> None:
     waiter = holder.waiter
     if waiter is not None and not waiter.done():
@@ -134,11 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def take(self) -> bytes:
         """All body bytes received and not yet taken (b"" if none); resumes a paused read."""
-        chunks = self.chunks
-        if not chunks:
-            return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        data = joined(self.chunks)
         self.buffered = 0
         if self.paused:
             self.paused = False

@@ -185,7 +185,10 @@ class CannedLink(asyncio.Protocol):
         key = headers.get(b"sec-websocket-key", b"")
         offered = {p.strip() for p in headers.get(b"sec-websocket-protocol", b"").split(b",")}
         if not key or LINK_SUBPROTOCOL.encode() not in offered:
-            self.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            why = (b"no Sec-WebSocket-Key" if not key else
+                   b"Sec-WebSocket-Protocol does not offer " + LINK_SUBPROTOCOL.encode())
+            self.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(why), why))
             return False
         self.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
                    b"connection: Upgrade\r\nsec-websocket-accept: %s\r\n"

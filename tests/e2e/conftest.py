@@ -115,8 +115,25 @@ def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]
         process.stop()
 
 
+SSE = {"accept": "text/event-stream"}
+
+
 def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
+
+
+async def leave_after_first_token(gateway_url: str, tenant: Tenant) -> str:
+    """Start a slow chat, read until its first token and hang up; answers its request id."""
+    async with (
+        httpx.AsyncClient(base_url=gateway_url, timeout=30) as client,
+        client.stream("POST", tenant.chat_path, json={"message": "Go slowly #slow"}, headers={
+            **auth(tenant.secret_key), **SSE}) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        async for text in response.aiter_text():
+            if "event: token" in text:
+                break
+    return request_id
 
 
 def sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:

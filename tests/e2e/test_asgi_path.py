@@ -11,9 +11,15 @@ import httpx
 import pytest
 
 from devstack.stack import Stack
-from tests.e2e.conftest import Tenant, UsageReader, auth, extra_gateway, sse_events
-
-SSE = {"accept": "text/event-stream"}
+from tests.e2e.conftest import (
+    SSE,
+    Tenant,
+    UsageReader,
+    auth,
+    extra_gateway,
+    leave_after_first_token,
+    sse_events,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +66,7 @@ async def test_a_whole_answer_and_a_refusal(asgi_gateway: str, tenant: Tenant) -
 async def test_a_disconnect_cancels_the_run(
     asgi_gateway: str, tenant: Tenant, usage: UsageReader
 ) -> None:
-    async with (
-        httpx.AsyncClient(base_url=asgi_gateway, timeout=30) as client,
-        client.stream("POST", tenant.chat_path, json={"message": "Go slowly #slow"},
-                      headers={**auth(tenant.secret_key), **SSE}) as response,
-    ):
-        request_id = response.headers["x-request-id"]
-        async for text in response.aiter_text():
-            if "event: token" in text:
-                break
+    request_id = await leave_after_first_token(asgi_gateway, tenant)
     await asyncio.sleep(0)
     found = await usage.collect({request_id})
     assert found[request_id][0]["data"]["status"] == "cancelled"

@@ -12,9 +12,15 @@ import redis.asyncio as aioredis
 
 from cmp.registry import BucketLimit, Limits, load_instance, publish_entry, save_instance
 from devstack.stack import Stack
-from tests.e2e.conftest import MakeTenant, Tenant, UsageReader, auth, sse_events
-
-SSE = {"accept": "text/event-stream"}
+from tests.e2e.conftest import (
+    SSE,
+    MakeTenant,
+    Tenant,
+    UsageReader,
+    auth,
+    leave_after_first_token,
+    sse_events,
+)
 
 
 async def test_tokens_stream_in_order_before_the_end(
@@ -148,17 +154,7 @@ async def test_client_disconnect_cancels_the_run(
 ) -> None:
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
         cancelled_before = usage_events((await client.get("/metrics")).text, "cancelled")
-    async with (
-        httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client,
-        client.stream(
-            "POST", tenant.chat_path, json={"message": "Go slowly #slow"},
-            headers={**auth(tenant.secret_key), **SSE},
-        ) as response,
-    ):
-        request_id = response.headers["x-request-id"]
-        async for text in response.aiter_text():
-            if "event: token" in text:
-                break
+    request_id = await leave_after_first_token(stack.gateway_url, tenant)
     found = await usage.collect({request_id})
     assert found[request_id][0]["data"]["status"] == "cancelled"
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:

@@ -8,9 +8,7 @@ import time
 import httpx
 
 from devstack.stack import Stack
-from tests.e2e.conftest import Tenant, UsageReader, auth, sse_events
-
-SSE = {"accept": "text/event-stream"}
+from tests.e2e.conftest import SSE, Tenant, UsageReader, auth, sse_events
 
 
 async def chat(client: httpx.AsyncClient, tenant: Tenant, message: str) -> httpx.Response:

@@ -1,4 +1,4 @@
-"""Chats reach the runtime over the runtime link (the default: many runs on a few WebSockets) or
+"""Chats reach the runtime over the runtime link (the default: numbered runs on WebSockets) or
 over HTTP/1.1 (GATEWAY_RUNTIME_TRANSPORT=http, one connection per run). Both give the same
 answers, and a visitor who leaves cancels the run all the way to the LLM."""
 
@@ -11,9 +11,15 @@ import httpx
 import pytest
 
 from devstack.stack import Stack
-from tests.e2e.conftest import Tenant, UsageReader, auth, extra_gateway, sse_events
-
-SSE = {"accept": "text/event-stream"}
+from tests.e2e.conftest import (
+    SSE,
+    Tenant,
+    UsageReader,
+    auth,
+    extra_gateway,
+    leave_after_first_token,
+    sse_events,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +69,7 @@ async def test_a_visitor_who_leaves_cancels_the_run_at_the_llm(
     gateway_url: str, stack: Stack, tenant: Tenant, usage: UsageReader
 ) -> None:
     cancelled_before = (await llm_stats(stack))["streams_cancelled"]
-    async with (
-        httpx.AsyncClient(base_url=gateway_url, timeout=30) as client,
-        client.stream("POST", tenant.chat_path, json={"message": "Go slowly #slow"},
-                      headers={**auth(tenant.secret_key), **SSE}) as response,
-    ):
-        request_id = response.headers["x-request-id"]
-        async for text in response.aiter_text():
-            if "event: token" in text:
-                break
+    request_id = await leave_after_first_token(gateway_url, tenant)
     found = await usage.collect({request_id})
     assert found[request_id][0]["data"]["status"] == "cancelled"
     for _ in range(100):

@@ -224,3 +224,4 @@ async def test_an_upgrade_without_the_subprotocol_is_refused(runtime: Runtime) -
         answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b"Sec-WebSocket-Protocol does not offer sitekit-link.1")

@@ -14,6 +14,7 @@ from devstack.procs import free_port
 from gateway.link import LinkPool, LinkSettings
 from gateway.link_conn import DATA
 from gateway.upstream import (
+    RuntimeAnswer,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamNoDescriptors,
@@ -21,7 +22,7 @@ from gateway.upstream import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from tests.gateway.link_server import TOKEN, WAIT, LinkServer, frame, goaway
+from tests.gateway.link_server import TOKEN, WAIT, LinkServer, Opened, frame, goaway
 from tests.gateway.raw_server import RawServer, chunk, keepalive_timers
 from tests.gateway.test_descriptors import no_free_descriptors
 
@@ -66,11 +67,18 @@ def pool(make_pool: MakePool) -> LinkPool:
     return make_pool()
 
 
+async def start_run(
+    pool: LinkPool, server: LinkServer, body: bytes = b"{}"
+) -> tuple[asyncio.Task[RuntimeAnswer], Opened]:
+    """A run started on `pool`, and its OPEN as the server saw it."""
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, body))
+    return pending, await server.next_open()
+
+
 async def test_a_run_carries_its_request_and_streams_its_answer(
     server: LinkServer, pool: LinkPool
 ) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b'{"q":1}'))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server, b'{"q":1}')
     assert opened.head == {"method": "POST", "path": "/flows/f1/stream", "headers": [
         ["authorization", TOKEN.decode()], ["content-type", "application/json"],
         ["x-request-id", "req-1"]]}
@@ -88,8 +96,7 @@ async def test_a_run_carries_its_request_and_streams_its_answer(
     await response.aclose()
 
     # The next run goes on the same link, with the next number.
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    second = await server.next_open()
+    pending, second = await start_run(pool, server)
     assert second.stream_id == opened.stream_id + 1
     await second.answer(b"ok")
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"ok"
@@ -118,8 +125,7 @@ async def test_runs_interleave_on_one_link(server: LinkServer, make_pool: MakePo
 
 
 async def test_closing_before_the_end_cancels_the_run(server: LinkServer, pool: LinkPool) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_head()
     await opened.send_data(TOKENS)
     response = await asyncio.wait_for(pending, WAIT)
@@ -129,8 +135,8 @@ async def test_closing_before_the_end_cancels_the_run(server: LinkServer, pool: 
     # Frames the runtime sent before it saw the cancel are dropped; the link carries on.
     await opened.send_data(b"late")
     await opened.send_end()
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    await (await server.next_open()).answer(b"next")
+    pending, opened = await start_run(pool, server)
+    await opened.answer(b"next")
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"next"
 
 
@@ -138,8 +144,7 @@ async def test_no_head_in_time_is_a_timeout_and_cancels(
     server: LinkServer, make_pool: MakePool
 ) -> None:
     pool = make_pool(first_byte_timeout_s=0.2)
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     with pytest.raises(UpstreamTimeout, match="no response head within 0.2 s"):
         await asyncio.wait_for(pending, WAIT)
     assert await server.next_cancel() == (0, opened.stream_id)
@@ -149,8 +154,7 @@ async def test_a_silent_body_is_a_timeout_and_cancels(
     server: LinkServer, make_pool: MakePool
 ) -> None:
     pool = make_pool(read_timeout_s=0.2)
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_head()
     response = await asyncio.wait_for(pending, WAIT)
     with pytest.raises(UpstreamTimeout, match="sent nothing for 0.2 s"):
@@ -174,8 +178,8 @@ async def test_the_link_closing_mid_body_ends_every_run_on_it(
         with pytest.raises(UpstreamClosed, match="closed the runtime link mid-body"):
             await asyncio.wait_for(response.read(), WAIT)
     # The next run opens a new link.
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    await (await server.next_open()).answer(b"again")
+    pending, opened = await start_run(pool, server)
+    await opened.answer(b"again")
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"again"
     assert len(server.connections) == 2
 
@@ -183,12 +187,12 @@ async def test_the_link_closing_mid_body_ends_every_run_on_it(
 async def test_a_run_on_a_link_that_dies_before_its_head_goes_once_more_on_a_new_one(
     server: LinkServer, pool: LinkPool
 ) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    await (await server.next_open()).answer(b"first")
+    pending, opened = await start_run(pool, server)
+    await opened.answer(b"first")
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"first"
     # The runtime restarts between runs, as the gateway sends the next one.
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    await (await server.next_open()).ws.close()
+    pending, opened = await start_run(pool, server)
+    await opened.ws.close()
     retried = await server.next_open()
     assert retried.ws is server.connections[1]
     await retried.answer(b"second")
@@ -196,8 +200,8 @@ async def test_a_run_on_a_link_that_dies_before_its_head_goes_once_more_on_a_new
 
     # On a link opened for it, the run is not sent again.
     await server.connections[1].close()
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    await (await server.next_open()).ws.close()
+    pending, opened = await start_run(pool, server)
+    await opened.ws.close()
     with pytest.raises(UpstreamClosed, match="without answering"):
         await asyncio.wait_for(pending, WAIT)
     assert server.opens.empty()
@@ -206,14 +210,12 @@ async def test_a_run_on_a_link_that_dies_before_its_head_goes_once_more_on_a_new
 async def test_goaway_sends_new_runs_to_a_new_link_and_lets_open_ones_finish(
     server: LinkServer, pool: LinkPool
 ) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    old = await server.next_open()
+    pending, old = await start_run(pool, server)
     await old.send_head()
     response = await asyncio.wait_for(pending, WAIT)
     await goaway(old.ws)
     await asyncio.sleep(0.05)
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    new = await server.next_open()
+    pending, new = await start_run(pool, server)
     assert new.ws is server.connections[1]
     await new.answer(b"new")
     assert await (await asyncio.wait_for(pending, WAIT)).read() == b"new"
@@ -232,7 +234,7 @@ async def test_runs_spread_over_links_up_to_the_limit(
                 for _ in range(5)]
     opened = [await server.next_open() for _ in pendings]
     per_link = [sum(1 for run in opened if run.ws is ws) for ws in server.connections]
-    # Two per link until the second link; past the limit the least busy link takes it.
+    # Two per link until the second link; past the limit the links take runs in turn.
     assert sorted(per_link) == [2, 3]
     assert pool.links == 2
     for run in opened:
@@ -286,8 +288,7 @@ async def test_an_answer_left_unread_past_the_buffer_limit_is_cancelled(
     server: LinkServer, make_pool: MakePool,
 ) -> None:
     pool = make_pool(buffer_limit_bytes=1000)
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_head()
     response = await asyncio.wait_for(pending, WAIT)
     await opened.send_data(b"a" * 600)
@@ -378,8 +379,7 @@ async def test_nothing_listening_is_a_connect_error(pool: LinkPool) -> None:
 
 
 async def test_a_text_message_breaks_the_link(server: LinkServer, pool: LinkPool) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_head()
     response = await asyncio.wait_for(pending, WAIT)
     await opened.ws.send("not a frame")
@@ -391,8 +391,7 @@ async def test_a_text_message_breaks_the_link(server: LinkServer, pool: LinkPool
 
 async def test_closing_the_pool_ends_open_runs(server: LinkServer, make_pool: MakePool) -> None:
     pool = make_pool()
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_head()
     response = await asyncio.wait_for(pending, WAIT)
     await pool.aclose()
@@ -415,8 +414,7 @@ async def test_no_descriptor_left_for_a_link_is_named(server: LinkServer, pool: 
 async def test_frames_out_of_order_fail_the_run_and_cancel_it(
     server: LinkServer, pool: LinkPool
 ) -> None:
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server)
     await opened.send_data(b"body before its head")
     with pytest.raises(UpstreamProtocolError, match="frame kind 2 out of order"):
         await asyncio.wait_for(pending, WAIT)
@@ -427,8 +425,7 @@ async def test_pings_are_answered_and_big_and_fragmented_messages_arrive_whole(
     server: LinkServer, pool: LinkPool
 ) -> None:
     body = bytes(range(256)) * 300  # 76,800 bytes: a 64-bit length each way
-    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, body))
-    opened = await server.next_open()
+    pending, opened = await start_run(pool, server, body)
     assert opened.body == body
     pong = await opened.ws.ping(b"are you there")
     await asyncio.wait_for(pong, WAIT)
