@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,13 +26,14 @@ from gateway.audit import AuditLog
 from gateway.changes import ChangeListener, RevokedKeys
 from gateway.chat import ChatEndpoint
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.keys import Jwks, KeyVerifier
 from gateway.link import LinkPool, LinkSettings
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe import Deferred, Front
 from gateway.registry import RegistryCache
 from gateway.relay import Relay
+from gateway.responses import ASGIApp, Receive, Scope, Send
 from gateway.upstream import RuntimeCaller, UpstreamPool, UpstreamSettings
 from gateway.usage import UsageEmitter
 from gateway.widget_bundle import WidgetBundle, WidgetEndpoint
@@ -144,6 +146,7 @@ def build_app(config: GatewayConfig) -> Front:
         return Response(
             orjson.dumps({"ready": ready, "checks": checks}),
             status_code=200 if ready else 503,
+            headers=None if ready else {"Retry-After": "1"},
             media_type="application/json",
         )
 
@@ -152,9 +155,12 @@ def build_app(config: GatewayConfig) -> Front:
 
     app = Starlette(
         routes=[
-            Route("/v1/agents/{agent_id}/config", agent_config, methods=["GET"]),
-            Route("/v1/agents/{agent_id}/chat", preflight, methods=["OPTIONS"]),
-            Route("/v1/agents/{agent_id}/config", preflight, methods=["OPTIONS"]),
+            # Chats go straight from Front to their handler; POST is here for 405's Allow.
+            Route("/v1/agents/{agent_id}/chat", _ByMethod({"POST": chat, "OPTIONS": preflight}),
+                  methods=["POST", "OPTIONS"]),
+            Route("/v1/agents/{agent_id}/config", _ByMethod({
+                "GET": agent_config, "HEAD": agent_config, "OPTIONS": preflight}),
+                methods=["GET", "OPTIONS"]),
             Route("/widget.js", WidgetEndpoint(widget), methods=["GET"]),
             Route("/widget/{version}/widget.js", WidgetEndpoint(widget, versioned=True),
                   methods=["GET"]),
@@ -164,8 +170,28 @@ def build_app(config: GatewayConfig) -> Front:
             Route("/metrics", metrics_endpoint),
         ],
         lifespan=lifespan,
+        exception_handlers={404: _no_route, 405: _no_route},
     )
     return Front(app, chat, metrics)
+
+
+class _ByMethod:
+    """One route's endpoints by method, so that a 405 lists every method the path takes."""
+
+    def __init__(self, endpoints: dict[str, ASGIApp]) -> None:
+        self._endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._endpoints[scope["method"]](scope, receive, send)
+
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """The contract's error body for a path or method the gateway does not serve."""
+    assert isinstance(exc, HTTPException)
+    error = (MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+             if exc.status_code == 405 else NotFound(f"no such path: {request.url.path}"))
+    return Response(error.body(request.state.request_id), status_code=error.status,
+                    headers=exc.headers, media_type="application/json")
 
 
 def _settle_garbage_collector() -> None:

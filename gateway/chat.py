@@ -79,9 +79,7 @@ class ChatEndpoint:
                 )
             except RateLimitError as exc:
                 self._metrics.child(self._metrics.limiter, "error").inc()
-                raise Unavailable(
-                    "the rate limiter is unavailable", headers=[(b"retry-after", b"1")]
-                ) from exc
+                raise Unavailable("the rate limiter is unavailable") from exc
             self._metrics.child(self._metrics.limiter, decision.refused_by or "allowed").inc()
             extra += rate_limit_headers(
                 decision.limit, decision.remaining, decision.reset_seconds

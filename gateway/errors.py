@@ -2,6 +2,7 @@
 
     GatewayError
     ├── InvalidRequest        400 invalid_request
+    │   └── MethodNotAllowed  405 invalid_request
     ├── InvalidKey            401 invalid_key
     ├── Forbidden             403 forbidden
     ├── NotFound              404 not_found
@@ -36,6 +37,10 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     code = "invalid_request"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
 
 
 class InvalidKey(GatewayError):
@@ -74,8 +79,16 @@ class RuntimeFailure(GatewayError):
 
 
 class Unavailable(GatewayError):
+    """A dependency is down; the answer says when to retry (1 s unless the raiser knows)."""
+
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = headers or []
+        if not any(name == b"retry-after" for name, _ in headers):
+            headers = [*headers, (b"retry-after", b"1")]
+        super().__init__(message, headers=headers)
 
 
 class RuntimeTimeout(GatewayError):

@@ -248,6 +248,9 @@ class ChatCycle:
             status, [(b"content-type", content_type), *headers], len(body)) + body)
 
     def watch(self) -> None:
+        if self.disconnected:  # it went away before anything was watching
+            self.gone = True
+            raise ClientGone()
         self._watched = asyncio.current_task()
 
     def unwatch(self) -> None:

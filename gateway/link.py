@@ -224,26 +224,35 @@ class LinkPool:
             openings.append(opening)
             opening.link.add_done_callback(lambda _: self._opened(links, opening))
         opening.claims += 1
-        return await asyncio.shield(opening.link), True
+        try:
+            return await asyncio.shield(opening.link), True
+        except asyncio.CancelledError:  # its client went away while the link opened
+            opening.claims -= 1
+            if opening.link.done() and not opening.link.cancelled() \
+                    and opening.link.exception() is None:
+                self._offer(links, opening.link.result())  # _opened counted this claim
+            raise
 
     def _opened(self, links: _Links, opening: _Opening) -> None:
         links.opening.remove(opening)
         if opening.link.cancelled() or opening.link.exception() is not None:
             return  # its waiters raise the exception; this only marked it retrieved
-        link = opening.link.result()
         if opening.claims < self.settings.streams_per_link:  # room left once they are on it
+            self._offer(links, opening.link.result())
+
+    def _offer(self, links: _Links, link: LinkConnection) -> None:
+        """List `link` among those with room, if it has room and is not listed."""
+        if not link.listed and len(link.streams) < self.settings.streams_per_link \
+                and link.usable:
             links.with_room.append(link)
             link.listed = True
 
     async def _connect(self, route: Route, links: _Links) -> LinkConnection:
         loop = asyncio.get_running_loop()
         settings, origin = self.settings, route.origin
-        limit = settings.streams_per_link
 
         def settled(link: LinkConnection) -> None:
-            if not link.listed and len(link.streams) < limit and link.usable:
-                links.with_room.append(link)
-                link.listed = True
+            self._offer(links, link)
 
         link = LinkConnection(loop, origin, route.authority, self._authorization,
                               buffer_limit=settings.buffer_limit_bytes,

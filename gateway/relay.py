@@ -16,13 +16,14 @@ from gateway.errors import GatewayError, RuntimeFailure, RuntimeTimeout, Unavail
 from gateway.metrics import GatewayMetrics
 from gateway.reply import ClientGone, Reply, reply_error
 from gateway.responses import Headers
-from gateway.sse import SseSplitter, encode_event
+from gateway.sse import SseError, SseEvent, SseSplitter, encode_event
 from gateway.upstream import (
     RuntimeAnswer,
     RuntimeCaller,
     UpstreamConnectError,
     UpstreamError,
     UpstreamNoDescriptors,
+    UpstreamProtocolError,
     UpstreamTimeout,
 )
 from gateway.usage import UsageEmitter, UsageRecord
@@ -55,6 +56,11 @@ class Outcome:
     input_tokens: int = 0
     output_tokens: int = 0
     ttft_ms: float | None = None
+    emitted: bool = False
+
+
+class MalformedAnswer(UpstreamProtocolError):
+    """The runtime's answer is not what its API promises (an unreadable `end`, say)."""
 
 
 class Relay:
@@ -94,7 +100,8 @@ class Relay:
         finally:
             self.open_streams -= 1
             reply.unwatch()
-            self._emit_usage(chat, outcome, started)
+            if not outcome.emitted:
+                self._emit_usage(chat, outcome, started)
 
     async def _relay(
         self, chat: ChatRequest, reply: Reply, outcome: Outcome, started: float
@@ -117,6 +124,7 @@ class Relay:
             (b"accept", b"text/event-stream"),
             (b"x-request-id", chat.request_id.encode()),
         ]
+        reply.watch()  # from here a client that goes away cancels the run, even before its head
         try:
             response = await self._upstream.request(
                 "POST", (agent.runtime_host, agent.runtime_port, agent.stream_path), headers, body
@@ -124,11 +132,9 @@ class Relay:
         except UpstreamNoDescriptors as exc:
             self._out_of_descriptors(exc)
             return await _fail(chat, reply, Unavailable(
-                "the gateway has no free connections; retry shortly",
-                headers=[(b"retry-after", b"1")]))
+                "the gateway has no free connections; retry shortly"))
         except UpstreamConnectError:
-            return await _fail(chat, reply, Unavailable(
-                "the agent runtime is unreachable", headers=[(b"retry-after", b"1")]))
+            return await _fail(chat, reply, Unavailable("the agent runtime is unreachable"))
         except UpstreamTimeout:
             return await _fail(chat, reply, RuntimeTimeout("the agent runtime did not answer"))
         except UpstreamError:
@@ -155,7 +161,7 @@ class Relay:
                 if done:
                     continue  # drain the upstream's last bytes so its connection is reused
                 out: list[bytes] = []
-                for event in splitter.feed(chunk):
+                for event in _events(splitter, chunk):
                     name = event.name
                     if name == b"token":
                         if outcome.ttft_ms is None:
@@ -171,21 +177,15 @@ class Relay:
                         break
                 if done:
                     reply.unwatch()
+                    self._emit_usage(chat, outcome, started)  # written before the client reads
                     await reply.last(b"".join(out))
-                else:
-                    if out:
-                        await reply.more(b"".join(out))
-                    reply.watch()
+                elif out:
+                    await reply.more(b"".join(out))
         except UpstreamError as exc:
             if done:
                 return 200
-            code, message = (
-                ("runtime_timeout", "the agent runtime stopped answering")
-                if isinstance(exc, UpstreamTimeout)
-                else ("runtime_error", "the agent runtime failed mid-answer")
-            )
             reply.unwatch()
-            await reply.last(encode_event(b"error", _error_body(chat, code, message)))
+            await reply.last(encode_event(b"error", _error_body(chat, *_mid_answer(exc))))
             return 200
         if not done:
             reply.unwatch()
@@ -204,7 +204,7 @@ class Relay:
             async for chunk in response.iter_raw():
                 if answer is not None or failure is not None:
                     continue  # drain, as above
-                for event in splitter.feed(chunk):
+                for event in _events(splitter, chunk):
                     if event.name == b"token" and outcome.ttft_ms is None:
                         outcome.ttft_ms = self._first_token(started)
                     elif event.name == b"end":
@@ -213,14 +213,14 @@ class Relay:
                     elif event.name == b"error":
                         failure = _runtime_failure(event.data)
                         break
-                else:
-                    reply.watch()
-        except UpstreamTimeout:
-            failure = failure or RuntimeTimeout("the agent runtime stopped answering")
-        except UpstreamError:
-            failure = failure or RuntimeFailure("the agent runtime failed mid-answer")
+        except UpstreamError as exc:
+            if answer is None and failure is None:
+                code, message = _mid_answer(exc)
+                failure = RuntimeTimeout(message) if code == "runtime_timeout" \
+                    else RuntimeFailure(message)
         if answer is not None:
             reply.unwatch()
+            self._emit_usage(chat, outcome, started)  # written before the client reads
             await reply.whole(200, answer, chat.response_headers)
             return 200
         return await _fail(chat, reply, failure or RuntimeFailure(
@@ -248,13 +248,20 @@ class Relay:
         return elapsed * 1000
 
     def _end(self, chat: ChatRequest, data: bytes, outcome: Outcome) -> bytes:
-        end = orjson.loads(data)
-        usage = end.get("usage") or {}
-        outcome.input_tokens = int(usage.get("input_tokens", 0))
-        outcome.output_tokens = int(usage.get("output_tokens", 0))
+        try:
+            end = orjson.loads(data)
+            usage = end.get("usage") or {}
+            input_tokens = int(usage.get("input_tokens", 0))
+            output_tokens = int(usage.get("output_tokens", 0))
+            text = end.get("text", "")
+            if not isinstance(text, str):
+                raise TypeError(f"its text is a {type(text).__name__}")
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise MalformedAnswer(f"the runtime's end event is unreadable: {exc}") from exc
+        outcome.input_tokens, outcome.output_tokens = input_tokens, output_tokens
         outcome.status = "completed"
         return orjson.dumps({
-            "text": end.get("text", ""),
+            "text": text,
             "session_id": chat.session_id,
             "request_id": chat.request_id,
             "usage": {
@@ -264,6 +271,7 @@ class Relay:
         })
 
     def _emit_usage(self, chat: ChatRequest, outcome: Outcome, started: float) -> None:
+        outcome.emitted = True
         key = chat.access.key
         self._usage.emit(UsageRecord(
             request_id=chat.request_id,
@@ -284,6 +292,22 @@ async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:
     reply.unwatch()
     await reply_error(reply, exc, chat.request_id, chat.response_headers)
     return exc.status
+
+
+def _events(splitter: SseSplitter, chunk: bytes) -> list[SseEvent]:
+    try:
+        return splitter.feed(chunk)
+    except SseError as exc:
+        raise MalformedAnswer(f"the runtime's answer breaks the SSE limits: {exc}") from exc
+
+
+def _mid_answer(exc: UpstreamError) -> tuple[str, str]:
+    """The code and message a client gets for a runtime that failed after its head."""
+    if isinstance(exc, UpstreamTimeout):
+        return "runtime_timeout", "the agent runtime stopped answering"
+    if isinstance(exc, MalformedAnswer):
+        return "runtime_error", "the agent runtime sent an unreadable answer"
+    return "runtime_error", "the agent runtime failed mid-answer"
 
 
 def _upstream_error(data: bytes) -> tuple[str, str]:

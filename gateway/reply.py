@@ -45,7 +45,8 @@ class Reply(Protocol):
         """A response of known length, in one go."""
 
     def watch(self) -> None:
-        """From now on, a disconnect cancels the current task."""
+        """From now on, a disconnect cancels the current task; ClientGone if the client is
+        known to have gone already."""
 
     def unwatch(self) -> None:
         """Stop watching (before the last write: servers report a finished response as a
@@ -57,8 +58,8 @@ async def reply_error(reply: Reply, exc: GatewayError, request_id: str, headers:
 
 
 class AsgiReply:
-    """A Reply over ASGI. Watching starts a task that waits for `http.disconnect`, so it is
-    armed only once an answer turns out not to arrive in one piece."""
+    """A Reply over ASGI. Watching starts a task that waits for `http.disconnect` (ASGI says
+    nothing of a disconnect otherwise), from when the run is sent until the answer's end."""
 
     __slots__ = ("_receive", "_send", "_task", "_watcher", "gone")
 

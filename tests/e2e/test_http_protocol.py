@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
+import httpx
 import orjson
 import pytest
 
@@ -206,3 +207,23 @@ async def test_malformed_json_is_refused_on_a_connection_that_stays_open(
     assert refused.status == 400
     assert orjson.loads(refused.body)["error"]["code"] == "invalid_request"
     assert answer.status == 200 and "next" in orjson.loads(answer.body)["text"]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "allow"), [
+    pytest.param("GET", "/v1/nowhere", 404, None, id="unknown-path"),
+    pytest.param("GET", "/v1/agents/AGENT/chat", 405, {"POST", "OPTIONS"}, id="get-a-chat"),
+    pytest.param("DELETE", "/widget.js", 405, {"GET", "HEAD"}, id="delete-the-widget"),
+])
+async def test_a_path_or_method_not_served_gets_the_contracts_error(
+    stack: Stack, tenant: Tenant, method: str, path: str, status: int, allow: set[str] | None
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=10) as client:
+        response = await client.request(method, path.replace("AGENT", tenant.agent_id))
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert error["code"] == ("not_found" if status == 404 else "invalid_request")
+    assert (method in error["message"]) if status == 405 else ("/v1/nowhere" in error["message"])
+    if allow is not None:
+        assert {m.strip() for m in response.headers["allow"].split(",")} == allow

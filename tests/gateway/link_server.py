@@ -61,6 +61,8 @@ class LinkServer:
         self.cancels: asyncio.Queue[tuple[int, int]] = asyncio.Queue()  # (connection, stream)
         self.connections: list[ServerConnection] = []
         self.refuse = False
+        self.hold: asyncio.Event | None = None  # when set, upgrades wait for it
+        self.upgrading = asyncio.Event()  # an upgrade request came in
         self._subprotocol = subprotocol
         self._server: Server | None = None
         self.port = 0
@@ -87,7 +89,10 @@ class LinkServer:
         self._server.close()
         await self._server.wait_closed()
 
-    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.upgrading.set()
+        if self.hold is not None:
+            await self.hold.wait()
         if self.refuse or request.headers.get("authorization") != TOKEN.decode():
             return connection.respond(HTTPStatus.FORBIDDEN, "a valid service token is required\n")
         return None

@@ -33,7 +33,8 @@ class Protocol:
         self.transport = Transport()
         self.server_state = SimpleNamespace(default_headers=[(b"server", b"sitekit")])
         self.loop = asyncio.get_running_loop()
-        self.flow = SimpleNamespace(resume_reading=_nothing, pause_reading=_nothing)
+        self.flow = SimpleNamespace(resume_reading=_nothing, pause_reading=_nothing,
+                                    write_paused=False)
         self.completed = 0
 
     def on_response_complete(self) -> None:

@@ -284,6 +284,28 @@ async def test_one_link_while_runs_fit_on_it(
     assert len(server.connections) == 1
 
 
+@pytest.mark.parametrize("streams_per_link", [1, 2])
+async def test_a_run_cancelled_while_its_link_opens_leaves_the_link_to_the_next(
+    server: LinkServer, make_pool: MakePool, streams_per_link: int
+) -> None:
+    """Its client went away during the upgrade: the link still opens, and takes the next run
+    instead of sitting unused while a new one is opened."""
+    pool = make_pool(streams_per_link=streams_per_link)
+    server.hold = asyncio.Event()
+    pending = asyncio.create_task(pool.request("POST", server.target(), HEADERS, b"{}"))
+    await asyncio.wait_for(server.upgrading.wait(), WAIT)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    server.hold.set()
+    for _ in range(int(WAIT / 0.01)):
+        if pool.links:
+            break
+        await asyncio.sleep(0.01)
+    await runs_at_once(pool, server, 1)
+    assert len(server.connections) == 1
+
+
 async def test_an_answer_left_unread_past_the_buffer_limit_is_cancelled(
     server: LinkServer, make_pool: MakePool,
 ) -> None:

@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 
 from cmp import wire
 from cmp.registry import AgentInstance
+from devstack.procs import free_port
+from gateway.errors import Unavailable
 from gateway.registry import RegistryCache
 
 
@@ -65,3 +67,20 @@ async def test_the_cache_stays_bounded(
     # The newest stay; an evicted one is simply read again.
     assert (await cache.resolve(instances[0].agent_id)) is not None
     assert len(cache) == 5
+
+
+async def test_an_unreachable_registry_is_503_with_retry_after(
+    redis: aioredis.Redis, cmp_unreachable: httpx.AsyncClient
+) -> None:
+    """Redis down, or the entry missing from Redis and the CMP down: the chat is refused as
+    the contract says of a dependency that is down, with when to retry."""
+    gone = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        for cache in (RegistryCache(gone, cmp_unreachable, "token", timeout=1.0),
+                      RegistryCache(redis, cmp_unreachable, "token", timeout=1.0)):
+            with pytest.raises(Unavailable, match="the agent registry is unreachable") as caught:
+                await cache.resolve(str(uuid.uuid4()))
+            assert caught.value.status == 503
+            assert (b"retry-after", b"1") in caught.value.headers
+    finally:
+        await gone.aclose()
