@@ -7,18 +7,23 @@ WIDGET := widget/dist/widget.js
 
 .PHONY: up test lint bench load system-deps widget clean
 
+# A venv made while python3.11-venv was missing has a python but no pip: it is made again.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	@echo "Installing Python dependencies into $(VENV) (first run: a few minutes) ..." >&2
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV) >&2
 	@$(PY) -m pip install -q --disable-pip-version-check -U pip >&2
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' >&2
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # Debian packages: redis-server for the stack, node and npm to build the widget, chromium for
-# the widget's browser tests.
+# the widget's browser tests, and python3.11-venv while there is no usable $(VENV): Debian's
+# python3.11 ships ensurepip in that package, and `-m venv` fails without it.
 system-deps:
 	@missing=""; \
+	$(PY) -m pip --version >/dev/null 2>&1 || ! command -v $(PYTHON) >/dev/null \
+	  || $(PYTHON) -c 'import ensurepip' 2>/dev/null \
+	  || missing="$$missing $$(basename $(PYTHON))-venv"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \

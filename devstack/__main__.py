@@ -15,18 +15,24 @@ from devstack.seed import DEMO_TENANTS, seed_demo
 from devstack.stack import Ports, Stack, StackSettings, run_coroutine
 
 
+def _number(name: str, default: int, what: str, highest: int | None = None) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = 0
+    if value < 1 or (highest is not None and value > highest):
+        raise StackError(f"{name} must be {what}, got {raw!r}")
+    return value
+
+
 def _ports() -> Ports:
     defaults = Ports()
-    values = {}
-    for name in Ports.__slots__:
-        raw = os.environ.get(f"SITEKIT_PORT_{name.upper()}", "")
-        try:
-            values[name] = int(raw) if raw else getattr(defaults, name)
-        except ValueError:
-            raise StackError(
-                f"SITEKIT_PORT_{name.upper()} must be a port number, got {raw!r}"
-            ) from None
-    return Ports(**values)
+    return Ports(**{
+        name: _number(f"SITEKIT_PORT_{name.upper()}", getattr(defaults, name),
+                      "a port number (1 to 65535)", 65535)
+        for name in Ports.__slots__
+    })
 
 
 def _print(message: str) -> None:
@@ -34,8 +40,8 @@ def _print(message: str) -> None:
 
 
 def up(root: Path) -> int:
-    stack = Stack(StackSettings(root=root, ports=_ports(),
-                                gateway_workers=int(os.environ.get("GATEWAY_WORKERS", "2"))),
+    workers = _number("GATEWAY_WORKERS", 2, "a whole number, at least 1")
+    stack = Stack(StackSettings(root=root, ports=_ports(), gateway_workers=workers),
                   progress=_print)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

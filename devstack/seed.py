@@ -4,6 +4,7 @@ Written to `.stack/demo.json`. `create_tenant_agent` is the tests' shortcut to a
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,43 @@ async def create_tenant_agent(
     }
 
 
+async def point_agents_at_runtime(stack: Stack) -> int:
+    """Move every agent to this stack's runtime; answers how many moved.
+
+    The CMP records where it deployed each agent, so agents of an earlier `make up` on another
+    runtime port would stay on that port. The embedded stack has one runtime, and it serves
+    their flows (kept in the same data folder), so all of them move: the configs, so that a
+    later change publishes the new URL, and the registry's copies, published again."""
+    url = stack.runtime_url
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE customer_agent_configs SET runtime_url = $1, updated_at = now()"
+                " WHERE runtime_url <> $1", url,
+            )
+            moved = [
+                await save_instance(conn, dataclasses.replace(
+                    await load_instance(conn, row["agent_id"]), runtime_url=url))
+                for row in await conn.fetch(
+                    "SELECT agent_id::text FROM agent_instances WHERE runtime_url <> $1", url)
+            ]
+    finally:
+        await conn.close()
+    redis = aioredis.from_url(stack.redis_url)
+    try:
+        for instance in moved:
+            await publish_entry(redis, instance)
+    finally:
+        await redis.aclose()
+    return len(moved)
+
+
+def _urls(stack: Stack) -> dict[str, str]:
+    return {"gateway_url": stack.gateway_url, "cmp_url": stack.cmp_url,
+            "jwks_url": stack.jwks_url}
+
+
 async def _demo_is_there(stack: Stack, demo: dict[str, Any]) -> bool:
     """The demo of an earlier `make up` on the same data: reuse it."""
     if "provider" not in demo:
@@ -80,12 +118,19 @@ async def _demo_is_there(stack: Stack, demo: dict[str, Any]) -> bool:
 async def seed_demo(stack: Stack) -> dict[str, Any]:
     """Seed through the CMP's API as its users would: a seller publishes the demo flow; two
     buyers order it, the marketplace approves, the CMP provisions, the buyers set their
-    origins and create keys. A second `make up` finds the same demo and reuses it."""
+    origins and create keys. A second `make up` finds the same demo and reuses it, with the
+    URLs of this run (its ports may differ) and its agents on this run's runtime."""
+    moved = await point_agents_at_runtime(stack)
+    if moved:
+        stack.progress(f"  {moved} agent(s) moved to the runtime at {stack.runtime_url}")
     demo_path = stack.root / "demo.json"
     if demo_path.exists():
         earlier: dict[str, Any] = orjson.loads(demo_path.read_bytes())
         if await _demo_is_there(stack, earlier):
-            return earlier
+            current = {**earlier, **_urls(stack)}
+            if current != earlier:
+                demo_path.write_bytes(orjson.dumps(current, option=orjson.OPT_INDENT_2))
+            return current
     run = uuid.uuid4().hex[:6]
     provider = await create_owner(stack.database_url, f"seller-{run}@demo.sitekit.test",
                                   "Demo Agents Ltd", "provider")
@@ -120,9 +165,7 @@ async def seed_demo(stack: Stack) -> dict[str, Any]:
             "allowed_origin": origin, "cmp_token": owner["cmp_token"],
         })
     demo = {
-        "gateway_url": stack.gateway_url,
-        "cmp_url": stack.cmp_url,
-        "jwks_url": stack.jwks_url,
+        **_urls(stack),
         "provider": {"org_id": provider["org_id"], "email": provider["email"],
                      "provider_agent_id": agent["provider_agent_id"],
                      "cmp_token": provider["cmp_token"]},
