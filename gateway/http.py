@@ -108,6 +108,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.lost()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """Bytes that are not HTTP/1.1 get the contract's error, with a request id, and the
+        connection closes (what follows cannot be told apart from the next request)."""
+        request_id = uuid7()
+        body = InvalidRequest(f"malformed HTTP request: {msg}").body(request_id)
+        parts = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"content-type: application/json\r\n", b"x-request-id: ",
+                  request_id.encode(), b"\r\ncontent-length: %d\r\n" % len(body),
+                  b"connection: close\r\n\r\n", body)
+        self.transport.write(b"".join(parts))
+        self.transport.close()
+
 
 class ChatCycle:
     """One chat request on a connection, and the Reply its answer is written to."""

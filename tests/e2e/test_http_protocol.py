@@ -227,3 +227,16 @@ async def test_a_path_or_method_not_served_gets_the_contracts_error(
     assert (method in error["message"]) if status == 405 else ("/v1/nowhere" in error["message"])
     if allow is not None:
         assert {m.strip() for m in response.headers["allow"].split(",")} == allow
+
+
+async def test_bytes_that_are_not_http_get_the_contracts_error(connect) -> None:
+    conn = await connect()
+    await conn.send(b"GET /healthz HTTP/1.1\r\nhost gateway\r\n\r\n")  # a header without a colon
+    (answer,) = await conn.answers(1)
+    assert answer.status == 400
+    assert answer.headers["content-type"] == "application/json"
+    error = orjson.loads(answer.body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith("malformed HTTP request: ")
+    assert error["request_id"] == answer.headers["x-request-id"]
+    assert await conn.closed()
