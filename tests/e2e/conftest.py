@@ -19,11 +19,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from cmp.registry import DEFAULT_LIMITS, Limits
+from cmp.registry import DEFAULT_LIMITS, Limits, load_instance, publish_entry, save_instance
 from cmp.signing import SigningKey, active_signing_key
 from devstack.procs import free_port, http_ready
 from devstack.seed import create_tenant_agent
 from devstack.stack import Stack
+from tests.gateway.raw_server import RawServer, chunk
 
 
 @dataclass
@@ -68,12 +69,20 @@ MakeTenant = Callable[..., Awaitable[Tenant]]
 
 @pytest.fixture
 def make_tenant(stack: Stack, db: asyncpg.Connection, stack_redis: aioredis.Redis) -> MakeTenant:
-    async def make(limits: Limits = DEFAULT_LIMITS, origin: str | None = None) -> Tenant:
+    async def make(
+        limits: Limits = DEFAULT_LIMITS, origin: str | None = None, runtime_url: str | None = None
+    ) -> Tenant:
+        """A tenant whose agent runs on the stack's runtime, or on `runtime_url`."""
         made = await create_tenant_agent(
             db, stack_redis, stack, name="Test shop",
             origin=origin or f"http://shop-{uuid.uuid4().hex[:8]}.example",
             limits=limits,
         )
+        if runtime_url is not None:
+            # Before its first chat, so no gateway holds the entry that names the stack's runtime.
+            instance = await load_instance(db, made["agent_id"], made["tenant_id"])
+            rerouted = dataclasses.replace(instance, runtime_url=runtime_url)
+            await publish_entry(stack_redis, await save_instance(db, rerouted))
         return Tenant(**{k: made[k] for k in Tenant.__dataclass_fields__})
 
     return make
@@ -116,6 +125,50 @@ def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]
 
 
 SSE = {"accept": "text/event-stream"}
+
+_LINK_REFUSED = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+             b"transfer-encoding: chunked\r\n\r\n")
+
+
+class ScriptedRuntime(RawServer):
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The JSON body of each run as this runtime received it, and its path as `_path`."""
+        found = []
+        for request in self.requests:
+            head, _, body = request.partition(b"\r\n\r\n")
+            if not request.startswith(b"GET /link "):
+                found.append({**orjson.loads(body), "_path": head.split(b" ")[1].decode()})
+        return found
+
+
+@contextlib.asynccontextmanager
+async def scripted_runtime(
+    events: bytes | None, *, then_hold: bool = False
+) -> AsyncIterator[ScriptedRuntime]:
+    """A runtime the test scripts, for a tenant made with its URL: it does not serve the runtime
+    link (so runs come over HTTP/1.1), keeps what each run asked, and answers each with the SSE
+    body `events`; with None it never answers, and with `then_hold` the answer stays open after
+    `events`. A run held is let go when the gateway closes its connection."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await server.read_request(reader)) is not None:
+            if request.startswith(b"GET /link "):
+                writer.write(_LINK_REFUSED)
+            elif events is None or then_hold:
+                if events is not None:
+                    writer.write(_SSE_HEAD + chunk(events))
+                await server.wait_eof(reader)
+                return
+            else:
+                writer.write(_SSE_HEAD + chunk(events) + b"0\r\n\r\n")
+
+    server = ScriptedRuntime(handler)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def auth(key: str) -> dict[str, str]:
