@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from cmp.registry import DEFAULT_LIMITS, Limits, load_instance, publish_entry, save_instance
 from cmp.signing import SigningKey, active_signing_key
-from devstack.procs import free_port, http_ready
+from devstack.procs import ManagedProcess, free_port, http_ready
 from devstack.seed import create_tenant_agent
 from devstack.stack import Stack
 from tests.gateway.raw_server import RawServer, chunk
@@ -105,9 +105,11 @@ async def signing_key(db: asyncpg.Connection) -> SigningKey:
 
 
 @contextlib.contextmanager
-def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]:
+def extra_gateway_process(
+    stack: Stack, name: str, env: dict[str, str]
+) -> Iterator[tuple[ManagedProcess, str]]:
     """One more gateway worker on the session's stack, with `env` over the stack's settings;
-    yields its URL and stops it after."""
+    yields its process and URL, and stops it after."""
     port = free_port()
     base = stack.process("gateway")
     process = dataclasses.replace(
@@ -119,9 +121,16 @@ def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]
     process.start()
     try:
         process.wait_ready()
-        yield f"http://127.0.0.1:{port}"
+        yield process, f"http://127.0.0.1:{port}"
     finally:
         process.stop()
+
+
+@contextlib.contextmanager
+def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]:
+    """As `extra_gateway_process`, for a test that needs only the URL."""
+    with extra_gateway_process(stack, name, env) as (_, url):
+        yield url
 
 
 SSE = {"accept": "text/event-stream"}
