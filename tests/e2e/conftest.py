@@ -249,6 +249,38 @@ class UsageReader:
     async def collect(
         self, request_ids: set[str], *, timeout: float = 20.0, settle: float = 0.0
     ) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout
+        settled_at: float | None = None
+        async with self._consumer() as consumer:
+            while time.monotonic() < deadline:
+                _take(await consumer.getmany(timeout_ms=200), found, request_ids)
+                if request_ids <= found.keys():
+                    settled_at = settled_at or time.monotonic()
+                    if time.monotonic() - settled_at >= settle:
+                        break
+        return found
+
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[dict[str, list[dict[str, Any]]]]:
+        """Every event of the topic by request id, read in the background as they come, until
+        the block ends (a test that stops the broker ends it after)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        async with self._consumer() as consumer:
+            async def read() -> None:
+                while True:
+                    _take(await consumer.getmany(timeout_ms=200), found, None)
+
+            reader = asyncio.create_task(read())
+            try:
+                yield found
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    @contextlib.asynccontextmanager
+    async def _consumer(self) -> AsyncIterator[Any]:
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
@@ -256,25 +288,29 @@ class UsageReader:
             enable_auto_commit=False, group_id=None,
         )
         await consumer.start()
-        found: dict[str, list[dict[str, Any]]] = {}
-        deadline = time.monotonic() + timeout
-        settled_at: float | None = None
         try:
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for record in records:
-                        event = orjson.loads(record.value)
-                        if event["id"] in request_ids:
-                            assert record.key == event["data"]["tenant_id"].encode()
-                            found.setdefault(event["id"], []).append(event)
-                if request_ids <= found.keys():
-                    settled_at = settled_at or time.monotonic()
-                    if time.monotonic() - settled_at >= settle:
-                        break
+            yield consumer
         finally:
-            await consumer.stop()
-        return found
+            try:
+                await consumer.stop()
+            except asyncio.CancelledError:
+                # aiokafka 0.14 awaits a fetch backing off from a broker gone away after
+                # cancelling it, which raises here: only a cancellation of this task counts.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+
+
+def _take(
+    batches: dict[Any, list[Any]], found: dict[str, list[dict[str, Any]]],
+    request_ids: set[str] | None,
+) -> None:
+    for records in batches.values():
+        for record in records:
+            event = orjson.loads(record.value)
+            if request_ids is None or event["id"] in request_ids:
+                assert record.key == event["data"]["tenant_id"].encode()
+                found.setdefault(event["id"], []).append(event)
 
 
 @pytest.fixture
