@@ -19,11 +19,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from cmp.registry import DEFAULT_LIMITS, Limits
+from cmp.registry import DEFAULT_LIMITS, Limits, load_instance, publish_entry, save_instance
 from cmp.signing import SigningKey, active_signing_key
-from devstack.procs import free_port, http_ready
+from devstack.procs import ManagedProcess, free_port, http_ready
 from devstack.seed import create_tenant_agent
 from devstack.stack import Stack
+from tests.gateway.raw_server import RawServer, chunk
 
 
 @dataclass
@@ -68,12 +69,20 @@ MakeTenant = Callable[..., Awaitable[Tenant]]
 
 @pytest.fixture
 def make_tenant(stack: Stack, db: asyncpg.Connection, stack_redis: aioredis.Redis) -> MakeTenant:
-    async def make(limits: Limits = DEFAULT_LIMITS, origin: str | None = None) -> Tenant:
+    async def make(
+        limits: Limits = DEFAULT_LIMITS, origin: str | None = None, runtime_url: str | None = None
+    ) -> Tenant:
+        """A tenant whose agent runs on the stack's runtime, or on `runtime_url`."""
         made = await create_tenant_agent(
             db, stack_redis, stack, name="Test shop",
             origin=origin or f"http://shop-{uuid.uuid4().hex[:8]}.example",
             limits=limits,
         )
+        if runtime_url is not None:
+            # Before its first chat, so no gateway holds the entry that names the stack's runtime.
+            instance = await load_instance(db, made["agent_id"], made["tenant_id"])
+            rerouted = dataclasses.replace(instance, runtime_url=runtime_url)
+            await publish_entry(stack_redis, await save_instance(db, rerouted))
         return Tenant(**{k: made[k] for k in Tenant.__dataclass_fields__})
 
     return make
@@ -96,9 +105,11 @@ async def signing_key(db: asyncpg.Connection) -> SigningKey:
 
 
 @contextlib.contextmanager
-def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]:
+def extra_gateway_process(
+    stack: Stack, name: str, env: dict[str, str]
+) -> Iterator[tuple[ManagedProcess, str]]:
     """One more gateway worker on the session's stack, with `env` over the stack's settings;
-    yields its URL and stops it after."""
+    yields its process and URL, and stops it after."""
     port = free_port()
     base = stack.process("gateway")
     process = dataclasses.replace(
@@ -110,12 +121,63 @@ def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]
     process.start()
     try:
         process.wait_ready()
-        yield f"http://127.0.0.1:{port}"
+        yield process, f"http://127.0.0.1:{port}"
     finally:
         process.stop()
 
 
+@contextlib.contextmanager
+def extra_gateway(stack: Stack, name: str, env: dict[str, str]) -> Iterator[str]:
+    """As `extra_gateway_process`, for a test that needs only the URL."""
+    with extra_gateway_process(stack, name, env) as (_, url):
+        yield url
+
+
 SSE = {"accept": "text/event-stream"}
+
+_LINK_REFUSED = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+             b"transfer-encoding: chunked\r\n\r\n")
+
+
+class ScriptedRuntime(RawServer):
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The JSON body of each run as this runtime received it, and its path as `_path`."""
+        found = []
+        for request in self.requests:
+            head, _, body = request.partition(b"\r\n\r\n")
+            if not request.startswith(b"GET /link "):
+                found.append({**orjson.loads(body), "_path": head.split(b" ")[1].decode()})
+        return found
+
+
+@contextlib.asynccontextmanager
+async def scripted_runtime(
+    events: bytes | None, *, then_hold: bool = False
+) -> AsyncIterator[ScriptedRuntime]:
+    """A runtime the test scripts, for a tenant made with its URL: it does not serve the runtime
+    link (so runs come over HTTP/1.1), keeps what each run asked, and answers each with the SSE
+    body `events`; with None it never answers, and with `then_hold` the answer stays open after
+    `events`. A run held is let go when the gateway closes its connection."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await server.read_request(reader)) is not None:
+            if request.startswith(b"GET /link "):
+                writer.write(_LINK_REFUSED)
+            elif events is None or then_hold:
+                if events is not None:
+                    writer.write(_SSE_HEAD + chunk(events))
+                await server.wait_eof(reader)
+                return
+            else:
+                writer.write(_SSE_HEAD + chunk(events) + b"0\r\n\r\n")
+
+    server = ScriptedRuntime(handler)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def auth(key: str) -> dict[str, str]:
@@ -187,6 +249,38 @@ class UsageReader:
     async def collect(
         self, request_ids: set[str], *, timeout: float = 20.0, settle: float = 0.0
     ) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout
+        settled_at: float | None = None
+        async with self._consumer() as consumer:
+            while time.monotonic() < deadline:
+                _take(await consumer.getmany(timeout_ms=200), found, request_ids)
+                if request_ids <= found.keys():
+                    settled_at = settled_at or time.monotonic()
+                    if time.monotonic() - settled_at >= settle:
+                        break
+        return found
+
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[dict[str, list[dict[str, Any]]]]:
+        """Every event of the topic by request id, read in the background as they come, until
+        the block ends (a test that stops the broker ends it after)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        async with self._consumer() as consumer:
+            async def read() -> None:
+                while True:
+                    _take(await consumer.getmany(timeout_ms=200), found, None)
+
+            reader = asyncio.create_task(read())
+            try:
+                yield found
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    @contextlib.asynccontextmanager
+    async def _consumer(self) -> AsyncIterator[Any]:
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
@@ -194,25 +288,29 @@ class UsageReader:
             enable_auto_commit=False, group_id=None,
         )
         await consumer.start()
-        found: dict[str, list[dict[str, Any]]] = {}
-        deadline = time.monotonic() + timeout
-        settled_at: float | None = None
         try:
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for record in records:
-                        event = orjson.loads(record.value)
-                        if event["id"] in request_ids:
-                            assert record.key == event["data"]["tenant_id"].encode()
-                            found.setdefault(event["id"], []).append(event)
-                if request_ids <= found.keys():
-                    settled_at = settled_at or time.monotonic()
-                    if time.monotonic() - settled_at >= settle:
-                        break
+            yield consumer
         finally:
-            await consumer.stop()
-        return found
+            try:
+                await consumer.stop()
+            except asyncio.CancelledError:
+                # aiokafka 0.14 awaits a fetch backing off from a broker gone away after
+                # cancelling it, which raises here: only a cancellation of this task counts.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+
+
+def _take(
+    batches: dict[Any, list[Any]], found: dict[str, list[dict[str, Any]]],
+    request_ids: set[str] | None,
+) -> None:
+    for records in batches.values():
+        for record in records:
+            event = orjson.loads(record.value)
+            if request_ids is None or event["id"] in request_ids:
+                assert record.key == event["data"]["tenant_id"].encode()
+                found.setdefault(event["id"], []).append(event)
 
 
 @pytest.fixture

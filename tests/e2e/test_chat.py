@@ -24,11 +24,12 @@ from tests.e2e.conftest import (
 
 
 async def test_tokens_stream_in_order_before_the_end(
-    gateway: httpx.AsyncClient, tenant: Tenant, usage: UsageReader
+    stack: Stack, gateway: httpx.AsyncClient, tenant: Tenant, usage: UsageReader
 ) -> None:
+    answer_tokens = 200
     arrivals: list[tuple[float, str]] = []
     async with gateway.stream(
-        "POST", tenant.chat_path, json={"message": "Tell me a story #tokens=30"},
+        "POST", tenant.chat_path, json={"message": f"Tell me a story #tokens={answer_tokens}"},
         headers={**auth(tenant.secret_key), **SSE},
     ) as response:
         assert response.status_code == 200
@@ -47,8 +48,12 @@ async def test_tokens_stream_in_order_before_the_end(
     assert end["text"] == tokens
     assert end["request_id"] == response.headers["x-request-id"]
     assert end["session_id"] and end["usage"]["output_tokens"] > 0
-    # Streamed, not buffered: the body came in many pieces over time.
+    # Streamed, not buffered: the body came in many pieces over time, the first token well
+    # before the end, as the mock LLM paces them (the last one is due this long after the first).
     assert len(arrivals) > 3
+    paced_s = (answer_tokens - 1) / stack.settings.llm_tokens_per_s
+    first_token_at = arrived_at(arrivals, "event: token")
+    assert arrived_at(arrivals, "event: end") - first_token_at >= paced_s / 2
     found = await usage.collect({end["request_id"]})
     event = found[end["request_id"]][0]
     assert event["specversion"] == "1.0" and event["type"] == "sitekit.usage.v1"
@@ -56,6 +61,16 @@ async def test_tokens_stream_in_order_before_the_end(
     assert event["data"]["status"] == "completed"
     assert event["data"]["output_tokens"] == end["usage"]["output_tokens"]
     assert event["data"]["ttft_ms"] is not None
+
+
+def arrived_at(arrivals: list[tuple[float, str]], text: str) -> float:
+    """When the body received so far first held `text`."""
+    body = ""
+    for at, piece in arrivals:
+        body += piece
+        if text in body:
+            return at
+    raise AssertionError(f"{text!r} never arrived")
 
 
 async def test_session_id_is_kept(gateway: httpx.AsyncClient, tenant: Tenant) -> None:

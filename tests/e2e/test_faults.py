@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
+from cmp.registry import BucketLimit, Limits
 from devstack.stack import Stack
-from tests.e2e.conftest import SSE, Tenant, UsageReader, auth, sse_events
+from tests.e2e.conftest import SSE, MakeTenant, Tenant, UsageReader, auth, sse_events
 
 
 async def chat(client: httpx.AsyncClient, tenant: Tenant, message: str) -> httpx.Response:
@@ -16,34 +19,80 @@ async def chat(client: httpx.AsyncClient, tenant: Tenant, message: str) -> httpx
                              headers=auth(tenant.secret_key))
 
 
-async def test_kafka_stopped_mid_load_loses_no_usage_event(
-    stack: Stack, tenant: Tenant, usage: UsageReader
+@dataclass(frozen=True)
+class Done:
+    request_id: str
+    started: float
+    ended: float
+    output_tokens: int
+
+
+async def test_kafka_stopped_and_restarted_mid_load_loses_no_usage_event(
+    stack: Stack, make_tenant: MakeTenant, usage: UsageReader
 ) -> None:
-    """The embedded broker keeps its log in memory, so what it acked before it stops is gone
-    after its restart: the test reads those events before stopping it, then checks that every
-    request made while it was down or after is delivered once it is back."""
-    before: list[str] = []
-    during_and_after: list[str] = []
+    """Chats go on, four at a time, while the broker stops and starts again. The embedded
+    broker keeps its log in memory, so what it acked before it stopped is gone after its
+    restart: the test reads the topic as it goes until the broker has stopped. Every chat that
+    ends once the broker is stopped must have its event in the new log; what is read before
+    the stop must be there once. Events come at least once: one usage record per chat once
+    copies (the same event id) are dropped, as the usage consumer drops them. A chat that
+    ended just before the stop, its event acked but not yet read, is counted by neither."""
+    tenant = await make_tenant(Limits(tenant=BucketLimit(1000, 1000), key=BucketLimit(1000, 1000)))
+    done: list[Done] = []
+    enough = asyncio.Event()
 
-    async def load(client: httpx.AsyncClient, rounds: int, into: list[str]) -> None:
-        for i in range(rounds):
-            response = await chat(client, tenant, f"load {i}")
+    async def chatter(client: httpx.AsyncClient, message: str) -> None:
+        while not enough.is_set():
+            started = time.monotonic()
+            response = await chat(client, tenant, message)
             assert response.status_code == 200, response.text
-            into.append(response.json()["request_id"])
+            answer = response.json()
+            done.append(Done(answer["request_id"], started, time.monotonic(),
+                             answer["usage"]["output_tokens"]))
 
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(60):
+            while not condition():
+                for task in chatters:
+                    if task.done():
+                        task.result()  # a chat that failed fails the test now
+                await asyncio.sleep(0.02)
+
+    def spanning(moment: float) -> list[Done]:
+        return [d for d in done if d.started < moment < d.ended]
+
+    kafka = stack.process("kafka")
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
-        await load(client, 10, before)
-        seen = await usage.collect(set(before))
-        assert {rid: len(events) for rid, events in seen.items()} == dict.fromkeys(before, 1)
-        stack.process("kafka").stop()
-        # Requests go on while the broker is down: their events wait in the gateway's spool.
-        await load(client, 15, during_and_after)
-        stack.start_process("kafka")
-        await load(client, 10, during_and_after)
-    found = await usage.collect(set(during_and_after), timeout=60)
-    missing = [i for i, rid in enumerate(during_and_after) if rid not in found]
-    assert not missing, f"requests {missing} of {len(during_and_after)} have no usage event"
-    assert all(e[0]["data"]["status"] == "completed" for e in found.values())
+        # Two chatters go at the mock LLM's pace; two take two seconds a chat (#slow, 3 tokens).
+        chatters = [asyncio.create_task(chatter(client, message)) for message in (
+            "load", "more load", "Take your time #slow #tokens=3", "Slowly now #slow #tokens=3")]
+        try:
+            async with usage.watching() as seen:
+                await until(lambda: len(done) >= 10)
+                read_before = {d.request_id for d in done}
+                await until(lambda: read_before <= seen.keys())
+                await asyncio.to_thread(kafka.stop)
+                stopped_at = time.monotonic()
+            await until(lambda: len(spanning(stopped_at)) >= 2
+                        and sum(d.started > stopped_at for d in done) >= 10)
+            await asyncio.to_thread(stack.start_process, "kafka")
+            restarted_at = time.monotonic()
+            await until(lambda: len(spanning(restarted_at)) >= 2
+                        and sum(d.started > restarted_at for d in done) >= 10)
+        finally:
+            enough.set()
+            await asyncio.gather(*chatters)
+    read = {rid: len(seen[rid]) for rid in seen.keys() & {d.request_id for d in done}}
+    assert read_before <= read.keys() and set(read.values()) == {1}
+    after = {d.request_id: d for d in done if d.ended > stopped_at}
+    found = await usage.collect(set(after), timeout=60, settle=1.0)
+    missing = sorted(set(after) - found.keys())
+    assert not missing, f"{len(missing)} of {len(after)} chats have no usage event: {missing}"
+    for request_id, events in found.items():
+        assert all(event == events[0] for event in events), events  # copies of one event
+        data = events[0]["data"]
+        assert (data["status"], data["tenant_id"], data["output_tokens"]) == (
+            "completed", tenant.tenant_id, after[request_id].output_tokens)
 
 
 async def test_redis_down_gives_503_and_recovers_without_a_restart(

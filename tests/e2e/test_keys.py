@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import datetime as dt
 import time
 from typing import Any
 
@@ -14,9 +16,19 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cmp.apikeys import revoke_key
+from cmp.apikeys import issue_key, revoke_key
+from cmp.registry import load_instance, publish_entry, save_instance
 from cmp.signing import SigningKey
-from tests.e2e.conftest import AuditReader, MakeTenant, Tenant, UsageReader, auth
+from devstack.seed import DEMO_FLOW_ID
+from devstack.stack import Stack
+from tests.e2e.conftest import (
+    AuditReader,
+    MakeTenant,
+    Tenant,
+    UsageReader,
+    auth,
+    scripted_runtime,
+)
 
 BODY = {"message": "Hello"}
 
@@ -144,6 +156,25 @@ async def test_bad_claims_are_refused(
                              audit)
 
 
+async def test_a_key_is_refused_after_its_expiry_though_verified_before(
+    stack: Stack, tenant: Tenant, db: asyncpg.Connection, audit: AuditReader
+) -> None:
+    issued = await issue_key(db, issuer=stack.settings.issuer, tenant_id=tenant.tenant_id,
+                             agent_id=tenant.agent_id, kind="secret",
+                             expires_in=dt.timedelta(seconds=2))
+    assert issued.key.expires_at is not None
+    # One connection, so one worker: the one that verified the key and keeps it verified.
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        ok = await client.post(tenant.chat_path, json=BODY, headers=auth(issued.token))
+        assert ok.status_code == 200, ok.text
+        await asyncio.sleep(issued.key.expires_at.timestamp() - time.time() + 0.1)
+        expired = await client.post(tenant.chat_path, json=BODY, headers=auth(issued.token))
+    assert expired.status_code == 401, expired.text
+    error = expired.json()["error"]
+    assert error["code"] == "invalid_key" and "expired" in error["message"]
+    assert [e["kind"] for e in await audit.events(error["request_id"])] == ["invalid_key"]
+
+
 async def test_revoked_while_in_use_is_refused_within_a_second(
     gateway: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Connection,
     stack_redis: aioredis.Redis, audit: AuditReader,
@@ -187,16 +218,35 @@ async def test_unknown_agent_is_forbidden(gateway: httpx.AsyncClient, tenant: Te
 async def test_client_supplied_tenant_flow_and_collection_change_nothing(
     gateway: httpx.AsyncClient, make_tenant: MakeTenant, usage: UsageReader
 ) -> None:
-    a, b = await make_tenant(), await make_tenant()
-    plain = await gateway.post(a.chat_path, json={"message": "Same question"},
-                               headers=auth(a.secret_key))
-    meddled = await gateway.post(a.chat_path, headers=auth(a.secret_key), json={
-        "message": "Same question", "tenant_id": b.tenant_id, "agent_id": b.agent_id,
-        "flow_id": "other-flow", "collection": f"tenant_{b.tenant_id}_agent_{b.agent_id}",
-        "variables": {"tenant_id": b.tenant_id},
-    })
-    assert plain.status_code == meddled.status_code == 200
-    assert plain.json()["text"] == meddled.json()["text"]
+    """The runtime is asked to run what the registry entry names, whatever the body says."""
+    b = await make_tenant()
+    answer = (b'event: token\ndata: {"text": "Hi"}\n\n'
+              b'event: end\ndata: {"text": "Hi", "usage": {"input_tokens": 2, "output_tokens": 1}}'
+              b"\n\n")
+    async with scripted_runtime(answer) as runtime:
+        a = await make_tenant(runtime_url=runtime.url(""))
+        asked = {"message": "Same question", "session_id": "visitor-1"}
+        plain = await gateway.post(a.chat_path, json=asked, headers=auth(a.secret_key))
+        meddled = await gateway.post(a.chat_path, headers=auth(a.secret_key), json={
+            **asked, "tenant_id": b.tenant_id, "agent_id": b.agent_id, "flow_id": "other-flow",
+            "collection": f"tenant_{b.tenant_id}_agent_{b.agent_id}", "input_value": "Other",
+            "variables": {"tenant_id": b.tenant_id, "collection": "tenant_x_agent_y"},
+        })
+    assert plain.status_code == meddled.status_code == 200, meddled.text
+    runs = runtime.runs
+    assert len(runs) == 2
+    for run, response in zip(runs, (plain, meddled), strict=True):
+        assert run == {
+            "_path": f"/flows/{DEMO_FLOW_ID}/stream",
+            "input_value": "Same question",
+            "session_id": f"{a.agent_id}:visitor-1",
+            "variables": {
+                "tenant_id": a.tenant_id, "agent_id": a.agent_id,
+                "collection": f"tenant_{a.tenant_id}_agent_{a.agent_id}",
+                "request_id": response.json()["request_id"],
+            },
+        }
+    assert b.tenant_id.encode() not in b"".join(runtime.requests)
     events = await usage.collect({meddled.json()["request_id"]})
     data = events[meddled.json()["request_id"]][0]["data"]
     assert data["tenant_id"] == a.tenant_id and data["agent_id"] == a.agent_id
@@ -221,6 +271,42 @@ async def test_publishable_key_only_from_its_origin(
     missing = await gateway.post(tenant.chat_path, json=BODY, headers=key)
     assert missing.status_code == 403
     assert (await audit.events(missing.headers["x-request-id"]))[0]["kind"] == "foreign_origin"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "config"])
+async def test_a_publishable_key_works_only_from_origins_on_both_the_key_and_the_agent(
+    gateway: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Connection,
+    stack_redis: aioredis.Redis, stack: Stack, audit: AuditReader, endpoint: str,
+) -> None:
+    own, key_only, agent_only = (tenant.allowed_origin, "https://key-only.example",
+                                 "https://agent-only.example")
+    wide = await issue_key(db, issuer=stack.settings.issuer, tenant_id=tenant.tenant_id,
+                           agent_id=tenant.agent_id, kind="publishable", origins=[own, key_only])
+    instance = await load_instance(db, tenant.agent_id, tenant.tenant_id)
+    await publish_entry(stack_redis, await save_instance(
+        db, dataclasses.replace(instance, allowed_origins=(own, agent_only))))
+
+    async def call(key: str, origin: str) -> httpx.Response:
+        headers = {**auth(key), "origin": origin}
+        if endpoint == "chat":
+            return await gateway.post(tenant.chat_path, json=BODY, headers=headers)
+        return await gateway.get(f"/v1/agents/{tenant.agent_id}/config", headers=headers)
+
+    for key in (wide.token, tenant.publishable_key):
+        assert (await call(key, own)).status_code == 200
+    for key, key_id, origin in ((wide.token, wide.key.key_id, key_only),
+                                (tenant.publishable_key, tenant.publishable_key_id, agent_only)):
+        response = await call(key, origin)
+        assert response.status_code == 403, (origin, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "forbidden"
+        assert error["request_id"] == response.headers["x-request-id"]
+        events = await audit.events(error["request_id"])
+        assert [(e["kind"], e["origin"], e["key_id"]) for e in events] == [
+            ("foreign_origin", origin, key_id)]
+        # The widget on one of the agent's own origins may read why; another origin may not.
+        readable = response.headers.get("access-control-allow-origin")
+        assert readable == (origin if origin == agent_only else None)
 
 
 async def test_preflight_answered_per_agent(

@@ -8,12 +8,20 @@ import signal
 import asyncpg
 import httpx
 import jwt
+import pytest
 import redis.asyncio as aioredis
 
 from cmp.apikeys import issue_key
 from cmp.signing import retire_signing_key, rotate_signing_key
 from devstack.stack import Stack
-from tests.e2e.conftest import Tenant, UsageReader, auth, sse_events
+from tests.e2e.conftest import (
+    SSE,
+    Tenant,
+    UsageReader,
+    auth,
+    extra_gateway_process,
+    sse_events,
+)
 
 
 async def fresh_statuses(stack: Stack, tenant: Tenant, key: str, count: int = 4) -> list[int]:
@@ -73,3 +81,54 @@ async def test_shutdown_drains_open_streams_and_keeps_their_usage(
     finally:
         gateway.stop()
         stack.start_process("gateway")
+
+
+DRAIN_S = 3  # GATEWAY_DRAIN_TIMEOUT_S of the gateway the next test stops
+
+
+async def refused_connection(url: str) -> bool:
+    """Whether a new connection to `url` is refused, tried for a while."""
+    for _ in range(50):
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=1) as client:
+                await client.get("/healthz")
+        except httpx.ConnectError:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_shutdown_cuts_a_stream_at_the_drain_bound_and_refuses_new_connections(
+    stack: Stack, tenant: Tenant, usage: UsageReader
+) -> None:
+    """SIGTERM: new connections are refused at once; a stream still open after the drain
+    bound is cut there, and the worker exits. The client gets no error event: its connection
+    closes before the end of the chunked body."""
+    env = {"GATEWAY_DRAIN_TIMEOUT_S": str(DRAIN_S)}
+    with extra_gateway_process(stack, "gateway-short-drain", env) as (process, url):
+        body, tokens_after_refusal, refused = "", 0, False
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+            client.stream("POST", tenant.chat_path, json={"message": "Take your time #slow"},
+                          headers={**auth(tenant.secret_key), **SSE}) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for text in response.aiter_text():
+                    body += text
+                    if refused:
+                        tokens_after_refusal += text.count("event: token")
+                    elif "event: token" in body:
+                        process.signal(signal.SIGTERM)
+                        refused = await refused_connection(url)
+                        assert refused
+        assert process.popen is not None
+        # Shut down, uvicorn raises the signal it caught again: the worker ends by SIGTERM.
+        exit_code = await asyncio.to_thread(process.popen.wait, 30)
+        assert exit_code in (0, -signal.SIGTERM)
+    events = sse_events(body)
+    assert {name for name, _ in events} == {"token"}
+    assert 2 <= len(events) < 40  # the answer has 40 tokens, one a second
+    assert tokens_after_refusal >= 1  # the stream went on while new connections were refused
+    found = await usage.collect({request_id})
+    assert found[request_id][0]["data"]["status"] == "failed"
