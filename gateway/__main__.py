@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -39,7 +40,7 @@ def main() -> int:
         lifespan="on",
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),  # whole seconds: never less
         backlog=4096,
         # The gateway speaks to clients directly or behind a load balancer that terminates
         # them; it reads no forwarded-for headers, so the middleware would be pure cost.

@@ -4,6 +4,7 @@ request's usage event whatever happens: completed, failed, or cancelled by a dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import time
@@ -57,6 +58,7 @@ class Outcome:
     output_tokens: int = 0
     ttft_ms: float | None = None
     emitted: bool = False
+    answering: bool = False  # a streamed answer's head went out
 
 
 class MalformedAnswer(UpstreamProtocolError):
@@ -87,7 +89,8 @@ class Relay:
         try:
             return await self._relay(chat, reply, outcome, started)
         except asyncio.CancelledError:
-            if not reply.gone:
+            if not reply.gone:  # the worker is stopping, past its drain bound
+                await _cut_short(chat, reply, outcome)
                 raise
             task = asyncio.current_task()
             assert task is not None
@@ -154,6 +157,7 @@ class Relay:
         started: float,
     ) -> int:
         await reply.start(200, [*_SSE_HEADERS, *chat.response_headers])
+        outcome.answering = True
         splitter = SseSplitter()
         done = False
         try:
@@ -286,6 +290,18 @@ class Relay:
             ttft_ms=outcome.ttft_ms,
         ))
         self._metrics.child(self._metrics.usage_events, outcome.status).inc()
+
+
+async def _cut_short(chat: ChatRequest, reply: Reply, outcome: Outcome) -> None:
+    """Tell the client why its answer ends here rather than just closing the connection."""
+    reply.unwatch()
+    with contextlib.suppress(Exception):  # the connection may be gone too
+        if outcome.answering:
+            await reply.last(encode_event(b"error", _error_body(
+                chat, "unavailable", "the gateway is shutting down; the answer was cut short")))
+        else:
+            await reply_error(reply, Unavailable("the gateway is shutting down; retry"),
+                              chat.request_id, chat.response_headers)
 
 
 async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:
