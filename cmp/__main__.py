@@ -1,4 +1,4 @@
-"""`python -m cmp [serve|migrate|rotate-signing-key|create-user]`."""
+"""`python -m cmp [serve|migrate|rotate-signing-key|retire-signing-key KID|create-user]`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cmp.app import build_app
 from cmp.config import CmpConfig, ConfigError
 from cmp.errors import CmpError
 from cmp.migrate import migrate
-from cmp.signing import rotate_signing_key
+from cmp.signing import retire_signing_key, rotate_signing_key
 
 
 async def _create_user(config: CmpConfig, args: argparse.Namespace) -> None:
@@ -37,19 +37,25 @@ async def _create_user(config: CmpConfig, args: argparse.Namespace) -> None:
         await conn.close()
 
 
-async def _with_conn(config: CmpConfig, command: str) -> None:
+async def _with_conn(config: CmpConfig, args: argparse.Namespace) -> None:
     conn = await asyncpg.connect(config.database_url)
     try:
-        if command == "migrate":
+        if args.command == "migrate":
             applied = await migrate(conn)
             print("applied: " + (", ".join(applied) if applied else "nothing, up to date"))
-        else:
-            redis = aioredis.from_url(config.redis_url, socket_timeout=5)
-            try:
+            return
+        redis = aioredis.from_url(config.redis_url, socket_timeout=5)
+        try:
+            if args.command == "retire-signing-key":
+                await retire_signing_key(conn, redis, args.kid)
+                print(f"retired signing key {args.kid}: API keys signed with it no longer "
+                      "verify (gateways drop it at once, or within a minute without Redis)")
+            else:
                 key = await rotate_signing_key(conn, redis)
-            finally:
-                await redis.aclose()
-            print(f"new signing key {key.kid}; older keys stay in the JWKS until retired")
+                print(f"new signing key {key.kid}; older keys stay in the JWKS until retired "
+                      "(python -m cmp retire-signing-key KID)")
+        finally:
+            await redis.aclose()
     finally:
         await conn.close()
 
@@ -60,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="serve the API (the default)")
     commands.add_parser("migrate", help="apply pending SQL migrations")
     commands.add_parser("rotate-signing-key", help="add a new signing key for API keys")
+    retire = commands.add_parser(
+        "retire-signing-key", help="drop a signing key: API keys signed with it stop working")
+    retire.add_argument("kid", help="the key's id (the kid of the JWKS and of API keys)")
     user = commands.add_parser("create-user", help="create a user and print a token")
     user.add_argument("--email", required=True)
     user.add_argument("--name", default="")
@@ -87,7 +96,7 @@ def main(argv: list[str]) -> int:
         if command == "create-user":
             asyncio.run(_create_user(config, args))
         else:
-            asyncio.run(_with_conn(config, command))
+            asyncio.run(_with_conn(config, args))
     except CmpError as exc:
         print(f"cmp: {exc.message}", file=sys.stderr)
         return 1

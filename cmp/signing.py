@@ -20,7 +20,7 @@ from jwt.algorithms import OKPAlgorithm
 from redis.exceptions import RedisError
 
 from cmp import wire
-from cmp.errors import NotFound, Unavailable
+from cmp.errors import InvalidInput, NotFound, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +88,17 @@ async def rotate_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis) ->
 
 
 async def retire_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis, kid: str) -> None:
-    status = await conn.execute(
-        "UPDATE signing_keys SET retired_at = now() WHERE kid = $1 AND retired_at IS NULL", kid
-    )
-    if status.endswith(" 0"):
-        raise NotFound(f"no active signing key {kid!r}")
+    """Drop `kid` from the JWKS: every API key signed with it stops verifying. The last active
+    key cannot go (API keys could no longer be issued); rotate first."""
+    async with conn.transaction():
+        active = [row["kid"] for row in await conn.fetch(
+            "SELECT kid FROM signing_keys WHERE retired_at IS NULL FOR UPDATE")]
+        if kid not in active:
+            raise NotFound(f"no active signing key {kid!r}")
+        if len(active) == 1:
+            raise InvalidInput(f"{kid} is the only active signing key; rotate first, so that "
+                               "API keys can still be issued")
+        await conn.execute("UPDATE signing_keys SET retired_at = now() WHERE kid = $1", kid)
     await announce_jwks_change(redis)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,6 +106,34 @@ async def test_rotation_keeps_old_keys_valid_until_retired(
     with pytest.raises(KeyError):
         verify(old.token, keyset)
     verify(new.token, keyset)
+
+
+async def run_cmp(database_url: str, redis_url: str, *args: str) -> tuple[int, str]:
+    """`python -m cmp ARGS` as an operator runs it: its exit code and what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cmp", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "CMP_DATABASE_URL": database_url, "CMP_REDIS_URL": redis_url,
+             "CMP_SERVICE_TOKEN": "operator-test"})
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_the_operator_rotates_and_retires_signing_keys(
+    conn: asyncpg.Connection, redis: aioredis.Redis, database_url: str, redis_url: str
+) -> None:
+    first = (await active_signing_key(conn)).kid
+    code, out = await run_cmp(database_url, redis_url, "retire-signing-key", first)
+    assert code == 1 and f"{first} is the only active signing key; rotate first" in out
+    code, out = await run_cmp(database_url, redis_url, "rotate-signing-key")
+    assert code == 0 and "new signing key" in out
+    second = (await active_signing_key(conn)).kid
+    assert second != first and {first, second} <= {k["kid"] for k in (await jwks(conn))["keys"]}
+    code, out = await run_cmp(database_url, redis_url, "retire-signing-key", first)
+    assert code == 0 and f"retired signing key {first}" in out
+    assert [k["kid"] for k in (await jwks(conn))["keys"]] == [second]
+    code, out = await run_cmp(database_url, redis_url, "retire-signing-key", first)
+    assert code == 1 and f"no active signing key '{first}'" in out
 
 
 async def test_keys_only_for_the_tenants_own_agent(conn: asyncpg.Connection) -> None:
