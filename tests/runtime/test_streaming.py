@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
-from tests.runtime.conftest import RUN_TIMEOUT_S, stream_events
+from tests.runtime.conftest import (
+    RUN_TIMEOUT_S,
+    UNSENT_VARIABLE,
+    UNSENT_VARIABLE_IN_ENV,
+    stream_events,
+)
 
 
 def split(events: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[tuple[str, Any]]]:
@@ -121,29 +128,54 @@ async def test_client_disconnect_cancels_the_run(
     assert stats["streams_completed"] == before["streams_completed"]
 
 
-async def test_request_variables_reach_the_components(
-    runtime: httpx.AsyncClient, variables_flow: dict[str, Any], mock_client: httpx.AsyncClient
-) -> None:
+@pytest.fixture
+async def variables_deployed(
+    runtime: httpx.AsyncClient, variables_flow: dict[str, Any]
+) -> AsyncIterator[str]:
     flow_id = f"vars-{uuid.uuid4().hex[:8]}"
     response = await runtime.put(f"/flows/{flow_id}", json={"version": 1, "flow": variables_flow})
     assert response.status_code == 200, response.text
-    try:
-        tenant, collection = f"t{uuid.uuid4().hex[:8]}", f"c{uuid.uuid4().hex[:8]}"
-        variables = {"tenant_id": tenant, "agent_id": "a1", "collection": collection,
-                     "request_id": "r1"}
-        events = await stream_events(runtime, flow_id, "#tokens=3 hello", variables=variables)
-        assert events[-1][0] == "end"
-        stats = (await mock_client.get("/_stats")).json()
-        prompt = stats["last_user_messages"][-1]
-        assert prompt == f"Tenant {tenant} in {collection} asks: #tokens=3 hello"
-        # A concurrent run with other variables sees only its own.
-        other = {"tenant_id": "tenantB", "collection": "collB"}
-        both = await asyncio.gather(
-            stream_events(runtime, flow_id, "#tokens=12 first", variables=variables),
-            stream_events(runtime, flow_id, "#tokens=12 second", variables=other),
-        )
-        assert tenant in both[0][-1][1]["text"] or collection in both[0][-1][1]["text"]
-        assert "collB" in both[1][-1][1]["text"]
-        assert tenant not in both[1][-1][1]["text"]
-    finally:
-        await runtime.delete(f"/flows/{flow_id}")
+    yield flow_id
+    await runtime.delete(f"/flows/{flow_id}")
+
+
+async def test_request_variables_reach_the_components(
+    runtime: httpx.AsyncClient, variables_deployed: str, mock_client: httpx.AsyncClient
+) -> None:
+    flow_id = variables_deployed
+    tenant, collection = f"t{uuid.uuid4().hex[:8]}", f"c{uuid.uuid4().hex[:8]}"
+    agent = f"a{uuid.uuid4().hex[:8]}"
+    variables = {"tenant_id": tenant, "agent_id": agent, "collection": collection,
+                 "request_id": "r1"}
+    events = await stream_events(runtime, flow_id, "#tokens=3 hello", variables=variables)
+    assert events[-1][0] == "end"
+    stats = (await mock_client.get("/_stats")).json()
+    prompt = stats["last_user_messages"][-1]
+    assert prompt == f"Tenant {tenant} agent {agent} in {collection} asks: #tokens=3 hello"
+    # A concurrent run with other variables sees only its own.
+    other = {"tenant_id": "tenantB", "agent_id": "agentB", "collection": "collB"}
+    both = await asyncio.gather(
+        stream_events(runtime, flow_id, "#tokens=12 first", variables=variables),
+        stream_events(runtime, flow_id, "#tokens=12 second", variables=other),
+    )
+    assert tenant in both[0][-1][1]["text"] or collection in both[0][-1][1]["text"]
+    assert "collB" in both[1][-1][1]["text"]
+    assert tenant not in both[1][-1][1]["text"]
+
+
+async def test_a_variable_the_request_leaves_out_is_not_read_from_the_environment(
+    runtime: httpx.AsyncClient, variables_deployed: str, mock_client: httpx.AsyncClient
+) -> None:
+    # The runtime's environment holds UNSENT_VARIABLE (tests/runtime/conftest.py).
+    marker = uuid.uuid4().hex
+    variables = {"tenant_id": "tenantC", "agent_id": "agentC"}
+    assert UNSENT_VARIABLE not in variables
+    events = await stream_events(
+        runtime, variables_deployed, f"#tokens=3 {marker}", variables=variables
+    )
+    assert events[-1][0] == "end"
+    stats = (await mock_client.get("/_stats")).json()
+    prompt = next(m for m in stats["last_user_messages"] if marker in m)
+    assert UNSENT_VARIABLE_IN_ENV not in prompt
+    # lfx resolves a global variable that nothing provides to None.
+    assert prompt == f"Tenant tenantC agent agentC in None asks: #tokens=3 {marker}"
