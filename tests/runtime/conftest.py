@@ -49,19 +49,24 @@ def runtime_process(
     return process
 
 
+def mock_llm_process(name: str, port: int, log_dir: Path, pace: dict[str, str]) -> ManagedProcess:
+    """`python -m runtime.mockllm` on `port`; `pace` holds its MOCKLLM_* settings."""
+    env = {"MOCKLLM_PORT": str(port), **pace}
+    process = services.python_service(name, "runtime.mockllm", port, log_dir, env)
+    process.cwd = ROOT
+    return process
+
+
 @pytest.fixture(scope="session")
 def mock_llm(stack_dir: Path) -> Iterator[Service]:
     port = free_port()
-    env = {
-        "MOCKLLM_PORT": str(port),
+    pace = {
         "MOCKLLM_FIRST_TOKEN_MS": "20",
         "MOCKLLM_TOKENS_PER_S": "400",
         "MOCKLLM_SLOW_TOKEN_MS": "500",
         "MOCKLLM_ANSWER_TOKENS": str(MOCK_ANSWER_TOKENS),
     }
-    log_dir = stack_dir / "runtime"
-    process = services.python_service("mockllm", "runtime.mockllm", port, log_dir, env)
-    process.cwd = ROOT
+    process = mock_llm_process("mockllm", port, stack_dir / "runtime", pace)
     process.start()
     process.wait_ready(30)
     yield Service(process, f"http://127.0.0.1:{port}")
