@@ -64,14 +64,35 @@ async def test_a_session_id_is_made_when_none_is_given(
 
 
 async def test_twenty_runs_in_flight(runtime: httpx.AsyncClient, deployed: str) -> None:
-    questions = [f"#tokens=12 question {i}" for i in range(20)]
-    results = await asyncio.gather(*(stream_events(runtime, deployed, q) for q in questions))
+    # Each answer is paced by #slow (the session's mock: 0.5 s a token), about 1.5 s in all;
+    # served one at a time, the first run would end before the second run's first token.
+    runs = 20
+    timeline: list[tuple[str, int]] = []
+
+    async def run(i: int) -> list[tuple[str, dict[str, Any]]]:
+        # The mock's answer echoes the message's last six words, so r{i} is its fourth word.
+        body = {"input_value": f"#slow #tokens=4 r{i} of twenty at once here",
+                "session_id": f"s-{i}", "variables": {}}
+        events = []
+        async with aconnect_sse(runtime, "POST", f"/flows/{deployed}/stream", json=body) as sse:
+            async for event in sse.aiter_sse():
+                timeline.append((event.event, i))
+                events.append((event.event, event.json()))
+        return events
+
+    # The process's first run builds the component classes; twenty at once after it stay
+    # well within the run timeout.
+    assert (await stream_events(runtime, deployed, "#tokens=1 warm up"))[-1][0] == "end"
+    results = await asyncio.gather(*(run(i) for i in range(runs)))
+    first_end = next(n for n, (name, _) in enumerate(timeline) if name != "token")
+    started = {i for name, i in timeline[:first_end] if name == "token"}
+    assert started == set(range(runs)), f"runs without a token before the first end: {timeline}"
     for i, events in enumerate(results):
         tokens, others = split(events)
-        assert len(tokens) == 12
-        assert others[-1][0] == "end"
-        assert others[-1][1]["text"] == "".join(tokens)
-        assert f"question {i}" in others[-1][1]["text"]
+        assert len(tokens) == 4
+        assert others == [("end", others[0][1])]
+        assert others[0][1]["text"] == "".join(tokens) == f"You asked about r{i}."
+        assert others[0][1]["session_id"] == f"s-{i}"
 
 
 async def test_llm_failure_mid_run_is_an_error_event(
