@@ -7,8 +7,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import pytest
 from httpx_sse import aconnect_sse
 
@@ -16,6 +18,7 @@ from tests.runtime.conftest import (
     RUN_TIMEOUT_S,
     UNSENT_VARIABLE,
     UNSENT_VARIABLE_IN_ENV,
+    Service,
     stream_events,
 )
 
@@ -95,21 +98,53 @@ async def test_twenty_runs_in_flight(runtime: httpx.AsyncClient, deployed: str) 
         assert others[0][1]["session_id"] == f"s-{i}"
 
 
+def llm_connections(runtime_service: Service, mock_llm: Service) -> list[str]:
+    """The states of the runtime's TCP connections to the mock LLM."""
+    assert runtime_service.process.popen is not None
+    runtime = psutil.Process(runtime_service.process.popen.pid)
+    port = urlsplit(mock_llm.url).port
+    return [
+        connection.status
+        for process in (runtime, *runtime.children(recursive=True))
+        for connection in process.net_connections(kind="tcp")
+        if connection.raddr and connection.raddr.port == port
+    ]
+
+
 async def test_llm_failure_mid_run_is_an_error_event(
-    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient
+    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient,
+    runtime_service: Service, mock_llm: Service,
 ) -> None:
     before = (await mock_client.get("/_stats")).json()
+    connections_before = len(llm_connections(runtime_service, mock_llm))
     events = await stream_events(runtime, deployed, "#fail #tokens=10 please")
     tokens, others = split(events)
     assert len(tokens) == 3  # the mock drops the connection after three tokens
     assert [name for name, _ in others] == ["error"]
     assert others[0][1]["code"] == "runtime_error"
     assert others[0][1]["message"]
-    after = (await mock_client.get("/_stats")).json()
+    # Nothing of the run is left: no stream open at the LLM, no request made again, and no
+    # connection to the LLM kept by the runtime (one the LLM closed would be CLOSE_WAIT).
+    after = await wait_for_stats(mock_client, lambda s: s["streams_open"] == 0)
+    assert after["streams_open"] == 0
     assert after["streams_failed"] == before["streams_failed"] + 1
-    # The worker is still healthy and serves the next run.
+    assert after["chat_requests"] == before["chat_requests"] + 1
+    deadline = time.monotonic() + 5
+    while True:
+        left = llm_connections(runtime_service, mock_llm)
+        freed = "CLOSE_WAIT" not in left and len(left) <= connections_before
+        if freed or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert "CLOSE_WAIT" not in left
+    assert len(left) <= connections_before, left
+    # The worker is still healthy and serves the next run; by its end, the failed run has
+    # not opened another LLM stream either.
     tokens, others = split(await stream_events(runtime, deployed, "#tokens=4 again"))
     assert len(tokens) == 4 and others[-1][0] == "end"
+    last = await wait_for_stats(mock_client, lambda s: s["streams_open"] == 0)
+    assert last["streams_open"] == 0
+    assert last["chat_requests"] == before["chat_requests"] + 2
 
 
 async def test_a_run_past_its_deadline_is_a_timeout_and_stops_the_llm(
