@@ -16,6 +16,7 @@ from ratelimit import (
     LimiterUnavailable,
 )
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
+from ratelimit.script import BUCKETS_LUA
 from tests.ratelimit.conftest import STILL, WIDE
 
 
@@ -82,7 +83,14 @@ async def test_an_empty_tenant_bucket_leaves_the_key_bucket_alone(
     assert sum(d.allowed for d in again) == 7
 
 
-async def test_refill_follows_redis_time(limiter: BucketLimiter, redis: aioredis.Redis) -> None:
+async def test_refill_follows_redis_time(
+    limiter: BucketLimiter, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process's wall clock stands still, an hour behind: the bucket refills all the same,
+    # by Redis's clock.
+    frozen = time.time() - 3600
+    monkeypatch.setattr(time, "time", lambda: frozen)
+    monkeypatch.setattr(time, "time_ns", lambda: int(frozen * 1e9))
     key = BucketLimit(rate=10.0, burst=5)
     started = time.monotonic()
     assert all(d.allowed for d in await check_many(limiter, 5, WIDE, key))
@@ -90,7 +98,8 @@ async def test_refill_follows_redis_time(limiter: BucketLimiter, redis: aioredis
     assert not refused.allowed
     assert refused.retry_after_seconds == 1
 
-    # The bucket's clock is Redis's: the stored timestamp is Redis TIME, in microseconds.
+    # The bucket's clock is Redis's: the stored timestamp is Redis TIME, in microseconds,
+    # not this process's time an hour earlier.
     seconds, micros = await redis.time()
     stamp = int(await stored(redis, key_bucket_key("acme", "key0"), "ts"))
     assert abs(seconds * 1_000_000 + micros - stamp) < 1_000_000
@@ -100,6 +109,18 @@ async def test_refill_follows_redis_time(limiter: BucketLimiter, redis: aioredis
     waited = time.monotonic() - started
     # 10 tokens/s: 3 back after 0.3 s, more only as far as a slow machine made the test longer.
     assert 3 <= sum(d.allowed for d in refilled) <= min(5, int(waited * 10) + 1)
+
+
+async def test_the_script_takes_the_time_from_redis(redis: aioredis.Redis) -> None:
+    # A call carries the two limits and the cost, nothing of the caller's clock: the same
+    # call made again finds tokens only if the script read the time in Redis.
+    keys = (tenant_bucket_key("acme"), key_bucket_key("acme", "key0"))
+    limits = (1000.0, 1000.0, 10.0, 5.0)  # tenant rate and burst, key rate and burst
+    drained = await redis.eval(BUCKETS_LUA, 2, *keys, *limits, 5.0)
+    assert drained[0] == 1 and float(drained[2]) == 0
+    await asyncio.sleep(0.3)
+    refilled = await redis.eval(BUCKETS_LUA, 2, *keys, *limits, 2.0)
+    assert refilled[0] == 1  # 10 tokens/s: 3 back after 0.3 s
 
 
 async def test_idle_buckets_expire_once_they_would_be_full(

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-runtime-service-token-0123"
 RUN_TIMEOUT_S = 3.0
 MOCK_ANSWER_TOKENS = 12
+UNSENT_VARIABLE = "collection"
+UNSENT_VARIABLE_IN_ENV = "collection-from-the-runtime-environment"
 
 
 @dataclass
@@ -47,19 +49,24 @@ def runtime_process(
     return process
 
 
+def mock_llm_process(name: str, port: int, log_dir: Path, pace: dict[str, str]) -> ManagedProcess:
+    """`python -m runtime.mockllm` on `port`; `pace` holds its MOCKLLM_* settings."""
+    env = {"MOCKLLM_PORT": str(port), **pace}
+    process = services.python_service(name, "runtime.mockllm", port, log_dir, env)
+    process.cwd = ROOT
+    return process
+
+
 @pytest.fixture(scope="session")
 def mock_llm(stack_dir: Path) -> Iterator[Service]:
     port = free_port()
-    env = {
-        "MOCKLLM_PORT": str(port),
+    pace = {
         "MOCKLLM_FIRST_TOKEN_MS": "20",
         "MOCKLLM_TOKENS_PER_S": "400",
         "MOCKLLM_SLOW_TOKEN_MS": "500",
         "MOCKLLM_ANSWER_TOKENS": str(MOCK_ANSWER_TOKENS),
     }
-    log_dir = stack_dir / "runtime"
-    process = services.python_service("mockllm", "runtime.mockllm", port, log_dir, env)
-    process.cwd = ROOT
+    process = mock_llm_process("mockllm", port, stack_dir / "runtime", pace)
     process.start()
     process.wait_ready(30)
     yield Service(process, f"http://127.0.0.1:{port}")
@@ -72,6 +79,9 @@ def runtime_service(stack_dir: Path, mock_llm: Service) -> Iterator[Service]:
     process = runtime_process(
         "runtime", port, stack_dir / "runtime", stack_dir / "runtime" / "flows", mock_llm.url
     )
+    # A global variable of variables_flow, set where only a fallback to the runtime's own
+    # environment would find it: a run that does not send it must not see this value.
+    process.env = {**process.env, UNSENT_VARIABLE: UNSENT_VARIABLE_IN_ENV}
     process.start()
     process.wait_ready(120)
     yield Service(process, f"http://127.0.0.1:{port}")
@@ -107,15 +117,17 @@ def demo_flow(demo_flow_json: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def variables_flow() -> dict[str, Any]:
-    """The demo flow with a prompt that reads two global variables, built from lfx components.
+    """The demo flow with a prompt that reads three global variables, built from lfx components.
 
     Built in a child process so that importing lfx cannot touch this test process.
     """
     script = (
         "import json, sys\n"
         "from runtime.flows.build_demo import build_flow\n"
-        "flow = build_flow(template='Tenant {tenant} in {collection} asks: {question}',\n"
-        "                  prompt_variables={'tenant': 'tenant_id', 'collection': 'collection'})\n"
+        "flow = build_flow(\n"
+        "    template='Tenant {tenant} agent {agent} in {collection} asks: {question}',\n"
+        "    prompt_variables={'tenant': 'tenant_id', 'agent': 'agent_id',\n"
+        "                      'collection': 'collection'})\n"
         "json.dump(flow, sys.stdout)\n"
     )
     done = subprocess.run(

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.runtime.conftest import MOCK_ANSWER_TOKENS, Service
+from devstack.procs import free_port
+from tests.runtime.conftest import MOCK_ANSWER_TOKENS, Service, mock_llm_process
+
+# Slower than the mock's defaults (200 ms, 40 tokens/s), so a mock that ignored its settings
+# would answer too early.
+PACED_FIRST_TOKEN_S = 0.6
+PACED_TOKENS_PER_S = 10.0
 
 
 @pytest.fixture
 async def llm(mock_llm: Service) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{mock_llm.url}/v1", api_key="sk-x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def paced_llm(stack_dir: Path) -> Iterator[Service]:
+    port = free_port()
+    pace = {
+        "MOCKLLM_FIRST_TOKEN_MS": str(int(PACED_FIRST_TOKEN_S * 1000)),
+        "MOCKLLM_TOKENS_PER_S": str(PACED_TOKENS_PER_S),
+    }
+    process = mock_llm_process("mockllm-paced", port, stack_dir / "runtime", pace)
+    process.start()
+    process.wait_ready(30)
+    yield Service(process, f"http://127.0.0.1:{port}")
+    process.stop()
 
 
 async def test_streamed_answer_with_usage(llm: openai.AsyncOpenAI) -> None:
@@ -92,3 +116,32 @@ async def test_models_and_bad_requests(llm: openai.AsyncOpenAI, mock_llm: Servic
         assert bad.status_code == 400
         assert bad.json()["error"]["type"] == "invalid_request_error"
         assert (await client.get("/nope")).status_code == 404
+
+
+async def test_the_pace_settings_shape_a_streamed_answer(paced_llm: Service) -> None:
+    n = 8
+    interval = 1 / PACED_TOKENS_PER_S
+    body = {"model": "m", "stream": True,
+            "messages": [{"role": "user", "content": f"#tokens={n} where is my parcel"}]}
+    arrivals: list[float] = []
+    async with httpx.AsyncClient(base_url=paced_llm.url, timeout=10) as client:
+        started = time.monotonic()
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                choices = json.loads(line.removeprefix("data: "))["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == n
+    # Lower bounds hold on any machine (a busy one only delays). The slack covers the
+    # event loop's millisecond clock.
+    slack = 0.02
+    assert arrivals[0] >= PACED_FIRST_TOKEN_S - slack
+    for i, arrival in enumerate(arrivals):
+        assert arrival >= PACED_FIRST_TOKEN_S + i * interval - slack, (i, arrivals)
+    # Spread over the answer, not sent in one burst: half the paced span, in case this
+    # process reads the first token late.
+    assert arrivals[-1] - arrivals[0] >= (n - 1) * interval / 2, arrivals
+    # And paced at the rate asked for, not slower; the bound is generous.
+    assert arrivals[-1] < PACED_FIRST_TOKEN_S + (n - 1) * interval + 2.0, arrivals
