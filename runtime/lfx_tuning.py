@@ -8,6 +8,11 @@ turn's CPU goes; each patch below removes one of those costs and says which:
   per validated endpoint instead; the SSRF validation and DNS pinning still run per turn.
 - component classes: every turn execs and compiles each node's source again. Deployed
   code is the installed code (runtime.integrity), so the class is built once per source.
+- LLM connections: the OpenAI SDK stops reading a streamed answer at its `[DONE]` event and
+  closes the response before the end of the HTTP body has been read, and httpcore closes a
+  connection whose response is not complete, so every turn opened a new connection (a new
+  TLS handshake for a remote LLM) despite the shared pool. The few bytes after `[DONE]`
+  are read (within `_STREAM_END_S`), and the connection goes back to the pool.
 - stream chunks: the OpenAI SDK builds each chunk with its lenient pure-Python
   `construct_type` (~290 us). Validating with the model's pydantic-core schema gives the
   same object in ~15 us; anything that does not validate takes the stock path.
@@ -46,6 +51,9 @@ import httpx
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
 # Distinct model parameters seen (flows x models x keys); past this the models are built anew.
 _MAX_MODELS = 256
+# The end of the body follows `[DONE]` at once (the same write, or the next); an endpoint that
+# holds the body open longer loses its connection, as it would without the patch.
+_STREAM_END_S = 0.25
 
 
 class EngineTuning:
@@ -71,6 +79,7 @@ class EngineTuning:
             self._patch_provider_clients()
             self._patch_component_classes()
             self._patch_stream_chunks()
+            self._patch_stream_end()
             self._patch_component_events()
             self._patch_component_templates()
             self._patch_file_fields()
@@ -217,6 +226,31 @@ class EngineTuning:
             return stock(client, data=data, cast_to=cast_to, response=response)
 
         self._replace(BaseClient, "_process_response_data", _process_response_data)
+
+    def _patch_stream_end(self) -> None:
+        import asyncio
+        from collections.abc import AsyncIterator
+
+        from openai import AsyncStream
+        from openai._streaming import ServerSentEvent
+
+        async def _iter_events(stream: Any) -> AsyncIterator[ServerSentEvent]:
+            events = stream._decoder.aiter_bytes(stream.response.aiter_bytes())
+            async for event in events:
+                if event.data.startswith("[DONE]"):
+                    # Read to the end of the body: a response closed before its end also
+                    # closes its connection (httpcore), one closed after it goes back to
+                    # the pool. The answer is complete either way.
+                    try:
+                        async with asyncio.timeout(_STREAM_END_S):
+                            async for _ in events:
+                                pass
+                    except (TimeoutError, httpx.HTTPError):
+                        pass
+                yield event
+
+        # Runs drive the model asynchronously; the sync `Stream` is not on their path.
+        self._replace(AsyncStream, "_iter_events", _iter_events)
 
     def _patch_component_events(self) -> None:
         from lfx.custom.custom_component.component import Component

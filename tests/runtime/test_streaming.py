@@ -98,17 +98,41 @@ async def test_twenty_runs_in_flight(runtime: httpx.AsyncClient, deployed: str) 
         assert others[0][1]["session_id"] == f"s-{i}"
 
 
-def llm_connections(runtime_service: Service, mock_llm: Service) -> list[str]:
-    """The states of the runtime's TCP connections to the mock LLM."""
+def llm_connections(runtime_service: Service, mock_llm: Service) -> dict[int, str]:
+    """The runtime's TCP connections to the mock LLM: the state of each, by local port."""
     assert runtime_service.process.popen is not None
     runtime = psutil.Process(runtime_service.process.popen.pid)
     port = urlsplit(mock_llm.url).port
-    return [
-        connection.status
+    return {
+        connection.laddr.port: connection.status
         for process in (runtime, *runtime.children(recursive=True))
         for connection in process.net_connections(kind="tcp")
         if connection.raddr and connection.raddr.port == port
-    ]
+    }
+
+
+def open_llm_connections(runtime_service: Service, mock_llm: Service) -> set[int]:
+    connections = llm_connections(runtime_service, mock_llm)
+    return {port for port, status in connections.items() if status == psutil.CONN_ESTABLISHED}
+
+
+async def test_turns_reuse_a_kept_alive_llm_connection(
+    runtime: httpx.AsyncClient, deployed: str, mock_client: httpx.AsyncClient,
+    runtime_service: Service, mock_llm: Service,
+) -> None:
+    # A turn sends its LLM request over a connection an earlier turn left in the pool: no
+    # new connection (for a remote LLM, no TCP and TLS handshake) per turn.
+    assert (await stream_events(runtime, deployed, "#tokens=3 warm up"))[-1][0] == "end"
+    kept = open_llm_connections(runtime_service, mock_llm)
+    assert kept, "the runtime closed its LLM connection at the end of the turn"
+    before = (await mock_client.get("/_stats")).json()
+    for i in range(5):
+        assert (await stream_events(runtime, deployed, f"#tokens=3 turn {i}"))[-1][0] == "end"
+        held = open_llm_connections(runtime_service, mock_llm)
+        assert held, f"turn {i} closed its LLM connection"
+        assert held <= kept, f"turn {i} opened a new LLM connection: {held - kept}"
+    after = (await mock_client.get("/_stats")).json()
+    assert after["chat_requests"] == before["chat_requests"] + 5
 
 
 async def test_llm_failure_mid_run_is_an_error_event(
@@ -132,11 +156,11 @@ async def test_llm_failure_mid_run_is_an_error_event(
     deadline = time.monotonic() + 5
     while True:
         left = llm_connections(runtime_service, mock_llm)
-        freed = "CLOSE_WAIT" not in left and len(left) <= connections_before
+        freed = "CLOSE_WAIT" not in left.values() and len(left) <= connections_before
         if freed or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
-    assert "CLOSE_WAIT" not in left
+    assert "CLOSE_WAIT" not in left.values()
     assert len(left) <= connections_before, left
     # The worker is still healthy and serves the next run; by its end, the failed run has
     # not opened another LLM stream either.
