@@ -107,17 +107,21 @@ UNREADABLE = {
 }
 
 
-@pytest.mark.parametrize("body", UNREADABLE.values(), ids=UNREADABLE.keys())
-async def test_an_unreadable_answer_is_an_error_event(serve: ServeRaw, body: bytes) -> None:
-    server = await runtime(serve, SSE_HEAD, body, hold=True)
+async def relayed(server: RawServer, *, streamed: bool) -> tuple[int, bytes, Usage]:
+    """A chat relayed to `server`: its status, what its client was sent, its usage."""
     usage = Usage()
     relay = Relay(UpstreamPool(), usage, GatewayMetrics(), runtime_token="t")  # type: ignore[arg-type]
     protocol = Protocol()
     status = await asyncio.wait_for(
-        relay.run(request(server.port, streamed=True), cycle_for(protocol)), WAIT)
-    assert status == 200
-    written = b"".join(protocol.transport.written)
-    assert written.startswith(b"HTTP/1.1 200")
+        relay.run(request(server.port, streamed=streamed), cycle_for(protocol)), WAIT)
+    return status, b"".join(protocol.transport.written), usage
+
+
+@pytest.mark.parametrize("body", UNREADABLE.values(), ids=UNREADABLE.keys())
+async def test_an_unreadable_answer_is_an_error_event(serve: ServeRaw, body: bytes) -> None:
+    server = await runtime(serve, SSE_HEAD, body, hold=True)
+    status, written, usage = await relayed(server, streamed=True)
+    assert status == 200 and written.startswith(b"HTTP/1.1 200")
     events = sse_events(written.partition(b"\r\n\r\n")[2].decode(errors="replace"))
     assert [name for name, _ in events][-1] == "error"
     assert events[-1][1] == {"code": "runtime_error", "request_id": "r1",
@@ -128,12 +132,8 @@ async def test_an_unreadable_answer_is_an_error_event(serve: ServeRaw, body: byt
 @pytest.mark.parametrize("body", UNREADABLE.values(), ids=UNREADABLE.keys())
 async def test_an_unreadable_answer_to_a_whole_chat_is_502(serve: ServeRaw, body: bytes) -> None:
     server = await runtime(serve, SSE_HEAD, body, hold=True)
-    usage = Usage()
-    relay = Relay(UpstreamPool(), usage, GatewayMetrics(), runtime_token="t")  # type: ignore[arg-type]
-    protocol = Protocol()
-    status = await asyncio.wait_for(
-        relay.run(request(server.port, streamed=False), cycle_for(protocol)), WAIT)
-    head, _, payload = b"".join(protocol.transport.written).partition(b"\r\n\r\n")
+    status, written, usage = await relayed(server, streamed=False)
+    head, _, payload = written.partition(b"\r\n\r\n")
     assert status == 502 and head.startswith(b"HTTP/1.1 502")
     assert orjson.loads(payload)["error"] == {
         "code": "runtime_error", "request_id": "r1",

@@ -57,20 +57,24 @@ def mock_llm_process(name: str, port: int, log_dir: Path, pace: dict[str, str]) 
     return process
 
 
-@pytest.fixture(scope="session")
-def mock_llm(stack_dir: Path) -> Iterator[Service]:
+def serve_mock_llm(name: str, stack_dir: Path, pace: dict[str, str]) -> Iterator[Service]:
+    """A mock LLM of its own on a free port, paced by `pace` (MOCKLLM_* settings)."""
     port = free_port()
-    pace = {
-        "MOCKLLM_FIRST_TOKEN_MS": "20",
-        "MOCKLLM_TOKENS_PER_S": "400",
-        "MOCKLLM_SLOW_TOKEN_MS": "500",
-        "MOCKLLM_ANSWER_TOKENS": str(MOCK_ANSWER_TOKENS),
-    }
-    process = mock_llm_process("mockllm", port, stack_dir / "runtime", pace)
+    process = mock_llm_process(name, port, stack_dir / "runtime", pace)
     process.start()
     process.wait_ready(30)
     yield Service(process, f"http://127.0.0.1:{port}")
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def mock_llm(stack_dir: Path) -> Iterator[Service]:
+    yield from serve_mock_llm("mockllm", stack_dir, {
+        "MOCKLLM_FIRST_TOKEN_MS": "20",
+        "MOCKLLM_TOKENS_PER_S": "400",
+        "MOCKLLM_SLOW_TOKEN_MS": "500",
+        "MOCKLLM_ANSWER_TOKENS": str(MOCK_ANSWER_TOKENS),
+    })
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,7 @@ import httpx
 import openai
 import pytest
 
-from devstack.procs import free_port
-from tests.runtime.conftest import MOCK_ANSWER_TOKENS, Service, mock_llm_process
+from tests.runtime.conftest import MOCK_ANSWER_TOKENS, Service, serve_mock_llm
 
 # Slower than the mock's defaults (200 ms, 40 tokens/s), so a mock that ignored its settings
 # would answer too early.
@@ -28,16 +27,10 @@ async def llm(mock_llm: Service) -> openai.AsyncOpenAI:
 
 @pytest.fixture(scope="module")
 def paced_llm(stack_dir: Path) -> Iterator[Service]:
-    port = free_port()
-    pace = {
+    yield from serve_mock_llm("mockllm-paced", stack_dir, {
         "MOCKLLM_FIRST_TOKEN_MS": str(int(PACED_FIRST_TOKEN_S * 1000)),
         "MOCKLLM_TOKENS_PER_S": str(PACED_TOKENS_PER_S),
-    }
-    process = mock_llm_process("mockllm-paced", port, stack_dir / "runtime", pace)
-    process.start()
-    process.wait_ready(30)
-    yield Service(process, f"http://127.0.0.1:{port}")
-    process.stop()
+    })
 
 
 async def test_streamed_answer_with_usage(llm: openai.AsyncOpenAI) -> None:
