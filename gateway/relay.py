@@ -57,7 +57,6 @@ class Outcome:
     input_tokens: int = 0
     output_tokens: int = 0
     ttft_ms: float | None = None
-    emitted: bool = False
     answering: bool = False  # a streamed answer's head went out
 
 
@@ -103,8 +102,7 @@ class Relay:
         finally:
             self.open_streams -= 1
             reply.unwatch()
-            if not outcome.emitted:
-                self._emit_usage(chat, outcome, started)
+            self._emit_usage(chat, outcome, started)
 
     async def _relay(
         self, chat: ChatRequest, reply: Reply, outcome: Outcome, started: float
@@ -181,7 +179,6 @@ class Relay:
                         break
                 if done:
                     reply.unwatch()
-                    self._emit_usage(chat, outcome, started)  # written before the client reads
                     await reply.last(b"".join(out))
                 elif out:
                     await reply.more(b"".join(out))
@@ -224,7 +221,6 @@ class Relay:
                     else RuntimeFailure(message)
         if answer is not None:
             reply.unwatch()
-            self._emit_usage(chat, outcome, started)  # written before the client reads
             await reply.whole(200, answer, chat.response_headers)
             return 200
         return await _fail(chat, reply, failure or RuntimeFailure(
@@ -275,7 +271,6 @@ class Relay:
         })
 
     def _emit_usage(self, chat: ChatRequest, outcome: Outcome, started: float) -> None:
-        outcome.emitted = True
         key = chat.access.key
         self._usage.emit(UsageRecord(
             request_id=chat.request_id,

@@ -9,19 +9,18 @@ events stay in order on one partition):
      "data": {tenant_id, agent_id, key_id, session_id, status, input_tokens, output_tokens,
               duration_ms, ttft_ms}}
 
-Write-ahead: `emit()` encodes the record and appends it to this process's spool segment before
-it returns (one page-cache write, a few microseconds), so the relay emits a chat's event before
-the client receives the end of its answer. Every `flush_interval` the flush task hands what was
-written to the sender (`usage_sender`) and wakes the fsync thread (group commit: one fsync at a
-time and at most one per `sync_interval`, covering every write before it). The sender sends a
-round to Kafka at most every `round_interval` (50 ms) while it keeps up.
+Write-ahead: `emit()` appends the record to a list and returns. Every `flush_interval` the flush
+task encodes what accumulated, appends it to this process's spool segment in one write and hands
+it to the sender (`usage_sender`); a worker thread then fsyncs the segment (group commit: one
+fsync at a time and at most one per `sync_interval`, covering every write before it). The
+sender sends a round to Kafka at most every `round_interval` (50 ms) while it keeps up.
 
-Durability: an event survives a crash of the process (kill -9) once `emit()` has returned; if
-the spool cannot be written (a full disk), it waits in memory and the flush task retries the
-write. It survives a crash of the machine once that write's fsync has returned: within
-`sync_interval` (20 ms) plus an fsync of the write. `await wait_durable()` is the exact
-barrier. A spool left by a dead process is adopted (flock) and replayed by the next worker that
-starts, or rescans (`adopt_interval`).
+Durability window: an accepted event survives a crash of the process (kill -9) once the flush
+after it has written it: `flush_interval` (5 ms) after `emit()`, plus any event-loop stall. It
+survives a crash of the machine once that write's fsync has returned: within `sync_interval`
+(20 ms) plus an fsync of the write. `await wait_durable()` is the exact barrier. A spool left
+by a dead process is adopted (flock) and replayed by the next worker that starts, or rescans
+(`adopt_interval`).
 Duplicates are possible after failures; the consumer dedupes by event id.
 """
 
@@ -38,14 +37,7 @@ from typing import Final
 
 import orjson
 
-from gateway.spool import (
-    Record,
-    SegmentWriter,
-    encode_record,
-    lock_owner,
-    new_owner,
-    release,
-)
+from gateway.spool import SegmentWriter, encode_record, lock_owner, new_owner, release
 from gateway.usage_kafka import KafkaSettings
 from gateway.usage_sender import UsageCounters, UsageSender
 
@@ -132,8 +124,7 @@ class UsageEmitter:
         self._flush_interval, self._segment_bytes = flush_interval, segment_bytes
         self._sync_interval = sync_interval
         self._max_pending, self._retry_delay = max_pending_events, backoff_min
-        self._pending: list[UsageRecord] = []  # not yet written (the spool failed)
-        self._written: list[Record] = []  # written, not yet handed to the sender
+        self._pending: list[UsageRecord] = []
         self._flushed = 0  # records taken off _pending (written, or dropped as unencodable)
         self._durable = 0  # of those, how many an fsync has covered
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -191,8 +182,7 @@ class UsageEmitter:
         pending.append(record)
         counters.accepted += 1
         counters.depth += 1
-        if len(pending) == 1:  # more waiting means the spool failed: the flush task retries
-            self._write()
+        if len(pending) == 1:
             self._flush_wakeup.set()
 
     async def wait_durable(self) -> None:
@@ -251,26 +241,11 @@ class UsageEmitter:
                 self._flush_wakeup.set()
 
     def _flush(self) -> None:
-        """Write what waits in memory, hand what was written to the sender, roll the segment."""
-        self._write()
-        records, self._written = self._written, []
-        if not records:
-            return
-        self._sender.written(self._writer.segno, self._writer.offset, records)
-        self._sync_wakeup.set()
-        if self._writer.offset >= self._segment_bytes:
-            try:
-                self._writer.roll()
-            except OSError:  # keep appending to the current segment; try again next flush
-                log.exception("usage: cannot start a new spool segment")
-
-    def _write(self) -> None:
-        """Append the records waiting in memory to the active segment, in one write."""
         batch = self._pending
         if not batch:
             return
         self._pending = []
-        kept, records = [], []
+        records = []
         for usage in batch:
             try:
                 records.append(encode_event(usage, self._source))
@@ -278,20 +253,21 @@ class UsageEmitter:
                 log.exception("usage: dropping unencodable event %s", usage.request_id)
                 self.counters.dropped += 1
                 self.counters.depth -= 1
-                self._flushed += 1
-                continue
-            kept.append(usage)
-        if not records:
-            return
+        segno = self._writer.segno
         try:
-            self._writer.append(encode_record(*records[0]) if len(records) == 1 else
-                                b"".join([encode_record(key, value) for key, value in records]))
+            self._writer.append(b"".join([encode_record(key, value) for key, value in records]))
         except OSError:
-            log.exception("usage: cannot write the spool; keeping %d events", len(kept))
-            self._pending = kept + self._pending
+            log.exception("usage: cannot write the spool; keeping %d events", len(batch))
+            self._pending = batch + self._pending
             return
-        self._flushed += len(kept)
-        self._written += records
+        self._flushed += len(batch)
+        self._sender.written(segno, self._writer.offset, records)
+        self._sync_wakeup.set()
+        if self._writer.offset >= self._segment_bytes:
+            try:
+                self._writer.roll()
+            except OSError:  # keep appending to the current segment; try again next flush
+                log.exception("usage: cannot start a new spool segment")
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()

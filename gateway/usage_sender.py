@@ -82,7 +82,7 @@ class UsageSender:
         thread: ThreadPoolExecutor, *, round_max_events: int, max_memory_events: int,
         backoff_min: float, backoff_max: float, adopt_interval: float, round_interval: float,
     ) -> None:
-        self._counters, self._thread = counters, thread
+        self._writer, self._counters, self._thread = writer, counters, thread
         self._round_interval = round_interval
         self._kafka = KafkaLink(kafka)
         self._dir, self._owner = writer.directory, writer.owner
@@ -93,9 +93,6 @@ class UsageSender:
         self._queue: deque[_Chunk] = deque()
         self._queued = 0
         self.cursor = (0, 0)  # own spool: the position after the last acknowledged record
-        # Own spool: the position after the last record handed over by `written()`. The
-        # emitter writes records before it hands them over, so the file may go on past it.
-        self._handed = (0, 0)
         self._oldest_segno = 0
         self.acked_mark = AckedMark(self._dir, self._owner)
         self._stretch: _Stretch | None = None
@@ -116,7 +113,6 @@ class UsageSender:
 
     def written(self, segno: int, end: int, records: list[Record]) -> None:
         """The flush appended `records` to the spool, ending at (segno, end)."""
-        self._handed = (segno, end)
         if self._live:
             self._queue.append(_Chunk(segno, end, records))
             self._queued += len(records)
@@ -213,21 +209,20 @@ class UsageSender:
         return _Round(records, lambda: self._advance(last.segno, last.end), False)
 
     async def _read_own(self) -> None:
-        """Read our spool on from the cursor; once that reaches what was handed
-        over, go live again."""
+        """Read our spool on from the cursor; once that reaches the writer, go live again."""
         segno, offset = self.cursor
-        handed_segno, handed_end = self._handed
-        if segno == handed_segno and offset >= handed_end:
+        if segno == self._writer.segno and offset >= self._writer.offset:
             self._live, self._stretch = True, None
             return
-        sealed = segno < handed_segno
-        end = None if sealed else handed_end
+        sealed = segno < self._writer.segno
+        end = None if sealed else self._writer.offset
         path = segment_path(self._dir, self._owner, segno)
         decoded = await self._read(path, offset, end)
         if decoded.records:
             self._stretch = _Stretch(segno, decoded, sealed)
-            # Nothing was handed over during the read: what is next queues behind it.
-            self._live = not sealed and self._handed == (segno, end)
+            # Nothing was written during the read: what gets flushed next queues behind it.
+            writer = self._writer
+            self._live = not sealed and (writer.segno, writer.offset) == (segno, end)
         elif end is None:
             self._advance(segno + 1, 0)
         else:  # only damaged bytes up to the writer: skip them

@@ -173,6 +173,24 @@ def stop_and_check_nothing_is_left(run: MakeUp) -> None:
     assert ports_in_use(run.ports) == []
 
 
+def assert_make_load_runs(root: Path, ports: Ports) -> None:
+    """`make load` against this stack, short: widget-like users chat with no failure."""
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "loadtest.load"], cwd=REPO, capture_output=True, text=True,
+        timeout=120, check=False, env=make_up_env(
+            root, ports, SITEKIT_LOAD_USERS="4", SITEKIT_LOAD_SPAWN_RATE="4",
+            SITEKIT_LOAD_SECONDS="6", SITEKIT_LOAD_THINK_MIN_S="0.2",
+            SITEKIT_LOAD_THINK_MAX_S="0.5"),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "make load: 4 users (spawning 4/s) for 6 s against http://127.0.0.1:" in output
+    aggregated = [line.split() for line in output.splitlines() if "Aggregated" in line]
+    assert aggregated, output
+    requests, failures = int(aggregated[0][1]), aggregated[0][2]
+    assert requests >= 4 and failures.startswith("0("), output
+
+
 @contextlib.contextmanager
 def socket_on(port: int) -> Iterator[None]:
     """Something else listening on `port`."""
@@ -205,6 +223,7 @@ def test_make_up_streams_a_chat_stops_on_ctrl_c_and_reuses_its_demo(root: Path) 
         assert demo["gateway_url"] == f"http://127.0.0.1:{first.ports.gateway}"
         events = stream_chat(demo)
         assert events[-1][0] == "end" and {name for name, _ in events[:-1]} == {"token"}
+        assert_make_load_runs(root, first.ports)
         stop_and_check_nothing_is_left(first)
 
     # Other ports, the runtime's among them: the same demo must follow.

@@ -1,6 +1,6 @@
 """The relay over the gateway's own HTTP protocol, against a runtime scripted byte by byte: a
-client that goes away before the first token cancels the run, an unreadable answer becomes the
-contract's error, and a chat's usage event is written before the client reads the answer's end."""
+client that goes away before the first token cancels the run, and an unreadable answer becomes
+the contract's error."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from gateway.http import ChatCycle
 from gateway.metrics import GatewayMetrics
 from gateway.relay import CLIENT_CLOSED, ChatRequest, Relay
 from gateway.upstream import UpstreamPool
-from gateway.usage import UsageRecord
 from tests.e2e.conftest import sse_events
 from tests.gateway.raw_server import WAIT, RawServer, ServeRaw, chunk
 from tests.gateway.test_descriptors import Usage, chat
@@ -139,36 +138,3 @@ async def test_an_unreadable_answer_to_a_whole_chat_is_502(serve: ServeRaw, body
         "code": "runtime_error", "request_id": "r1",
         "message": "the agent runtime sent an unreadable answer"}
     assert [r.status for r in usage.records] == ["failed"]
-
-
-class WrittenAtEmit(Usage):
-    """Usage that notes what the client had been sent when the event was emitted."""
-
-    def __init__(self, protocol: Protocol) -> None:
-        super().__init__()
-        self.protocol = protocol
-        self.sent_by_then: bytes | None = None
-
-    def emit(self, record: UsageRecord) -> None:
-        self.sent_by_then = b"".join(self.protocol.transport.written)
-        super().emit(record)
-
-
-@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
-async def test_the_usage_event_is_emitted_before_the_answer_ends(
-    serve: ServeRaw, streamed: bool
-) -> None:
-    end = (b'event: end\ndata: {"text": "Hello", '
-           b'"usage": {"input_tokens": 3, "output_tokens": 1}}\n\n')
-    server = await runtime(serve, SSE_HEAD, chunk(TOKEN), chunk(end), b"0\r\n\r\n")
-    protocol = Protocol()
-    usage = WrittenAtEmit(protocol)
-    relay = Relay(UpstreamPool(), usage, GatewayMetrics(), runtime_token="t")  # type: ignore[arg-type]
-    status = await asyncio.wait_for(
-        relay.run(request(server.port, streamed=streamed), cycle_for(protocol)), WAIT)
-    assert status == 200
-    assert [(r.status, r.input_tokens, r.output_tokens) for r in usage.records] == [
-        ("completed", 3, 1)]
-    assert usage.sent_by_then is not None
-    assert b"event: end" not in usage.sent_by_then and b'"usage"' not in usage.sent_by_then
-    assert b'"usage"' in b"".join(protocol.transport.written)
