@@ -5,6 +5,7 @@ the contract's error."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ import pytest
 from gateway.http import ChatCycle
 from gateway.metrics import GatewayMetrics
 from gateway.relay import CLIENT_CLOSED, ChatRequest, Relay
+from gateway.reply import AsgiReply
 from gateway.upstream import UpstreamPool
 from tests.e2e.conftest import sse_events
 from tests.gateway.raw_server import WAIT, RawServer, ServeRaw, chunk
@@ -82,6 +84,30 @@ async def test_a_client_gone_before_the_first_token_cancels_the_run(
     await asyncio.wait_for(server.eof_seen.wait(), WAIT)  # the runtime saw the run end
     assert [r.status for r in usage.records] == ["cancelled"]
     assert protocol.transport.written == []
+
+
+async def test_over_asgi_a_client_gone_before_the_first_token_cancels_the_run(
+    serve: ServeRaw,
+) -> None:
+    server = await runtime(serve, hold=True)
+    usage = Usage()
+    relay = Relay(UpstreamPool(), usage, GatewayMetrics(), runtime_token="t")  # type: ignore[arg-type]
+    left, sent = asyncio.Event(), []
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    running = asyncio.create_task(relay.run(request(server.port, streamed=True),
+                                            AsgiReply(receive, send)))
+    await wait_for(lambda: server.requests, "the run to reach the runtime")
+    left.set()
+    assert await asyncio.wait_for(running, WAIT) == CLIENT_CLOSED
+    await asyncio.wait_for(server.eof_seen.wait(), WAIT)
+    assert [r.status for r in usage.records] == ["cancelled"] and sent == []
 
 
 async def test_a_client_gone_before_its_run_is_sent_costs_no_run(serve: ServeRaw) -> None:
