@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import copy
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -230,8 +231,12 @@ async def main() -> None:
         server = None
         if not args.no_server:
             server = await measure_server(flow, llm_url, log_dir, args.turns)
+    except BaseException:
+        sys.stderr.write(f"bench_runtime: the mock's and the runtime's logs are in {log_dir}\n")
+        raise
     finally:
         mock.stop()
+    shutil.rmtree(log_dir, ignore_errors=True)
     ours_ms, baseline_ms = statistics.median(ours.per_turn), statistics.median(baseline.per_turn)
     report = {
         "runtime_cpu_ms_per_turn": round(ours_ms, 2),
