@@ -186,7 +186,9 @@ class Relay:
             if done:
                 return 200
             reply.unwatch()
-            await reply.last(encode_event(b"error", _error_body(chat, *_mid_answer(exc))))
+            failure = _mid_answer(exc)
+            await reply.last(encode_event(b"error", _error_body(
+                chat, failure.code, failure.message)))
             return 200
         if not done:
             reply.unwatch()
@@ -216,9 +218,7 @@ class Relay:
                         break
         except UpstreamError as exc:
             if answer is None and failure is None:
-                code, message = _mid_answer(exc)
-                failure = RuntimeTimeout(message) if code == "runtime_timeout" \
-                    else RuntimeFailure(message)
+                failure = _mid_answer(exc)
         if answer is not None:
             reply.unwatch()
             await reply.whole(200, answer, chat.response_headers)
@@ -289,14 +289,13 @@ class Relay:
 
 async def _cut_short(chat: ChatRequest, reply: Reply, outcome: Outcome) -> None:
     """Tell the client why its answer ends here rather than just closing the connection."""
-    reply.unwatch()
     with contextlib.suppress(Exception):  # the connection may be gone too
         if outcome.answering:
+            reply.unwatch()
             await reply.last(encode_event(b"error", _error_body(
                 chat, "unavailable", "the gateway is shutting down; the answer was cut short")))
         else:
-            await reply_error(reply, Unavailable("the gateway is shutting down; retry"),
-                              chat.request_id, chat.response_headers)
+            await _fail(chat, reply, Unavailable("the gateway is shutting down; retry"))
 
 
 async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:
@@ -312,13 +311,13 @@ def _events(splitter: SseSplitter, chunk: bytes) -> list[SseEvent]:
         raise MalformedAnswer(f"the runtime's answer breaks the SSE limits: {exc}") from exc
 
 
-def _mid_answer(exc: UpstreamError) -> tuple[str, str]:
-    """The code and message a client gets for a runtime that failed after its head."""
+def _mid_answer(exc: UpstreamError) -> GatewayError:
+    """What a client is told of a runtime that failed after its head."""
     if isinstance(exc, UpstreamTimeout):
-        return "runtime_timeout", "the agent runtime stopped answering"
+        return RuntimeTimeout("the agent runtime stopped answering")
     if isinstance(exc, MalformedAnswer):
-        return "runtime_error", "the agent runtime sent an unreadable answer"
-    return "runtime_error", "the agent runtime failed mid-answer"
+        return RuntimeFailure("the agent runtime sent an unreadable answer")
+    return RuntimeFailure("the agent runtime failed mid-answer")
 
 
 def _upstream_error(data: bytes) -> tuple[str, str]:
