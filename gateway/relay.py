@@ -1,5 +1,7 @@
 """Relays one chat to the runtime and its answer to the client, token by token, and emits the
-request's usage event whatever happens: completed, failed, or cancelled by a disconnect."""
+request's usage event whatever happens: completed, failed, or cancelled by a disconnect. The event
+is emitted (written to the spool) before the client is sent the end of its answer, so an answer a
+client received always has its event, even if the gateway is killed at once."""
 
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ class Outcome:
     output_tokens: int = 0
     ttft_ms: float | None = None
     answering: bool = False  # a streamed answer's head went out
+    emitted: bool = False  # the usage event was emitted
+    started: float = 0.0  # perf_counter() when the relay took the chat
 
 
 class MalformedAnswer(UpstreamProtocolError):
@@ -82,14 +86,13 @@ class Relay:
 
     async def run(self, chat: ChatRequest, reply: Reply) -> int:
         """Answer the chat; return the HTTP status sent."""
-        started = time.perf_counter()
-        outcome = Outcome()
+        outcome = Outcome(started=time.perf_counter())
         self.open_streams += 1
         try:
-            return await self._relay(chat, reply, outcome, started)
+            return await self._relay(chat, reply, outcome)
         except asyncio.CancelledError:
             if not reply.gone:  # the worker is stopping, past its drain bound
-                await _cut_short(chat, reply, outcome)
+                await self._cut_short(chat, reply, outcome)
                 raise
             task = asyncio.current_task()
             assert task is not None
@@ -102,11 +105,9 @@ class Relay:
         finally:
             self.open_streams -= 1
             reply.unwatch()
-            self._emit_usage(chat, outcome, started)
+            self._settle(chat, outcome)  # if no answer went out (cancelled, say)
 
-    async def _relay(
-        self, chat: ChatRequest, reply: Reply, outcome: Outcome, started: float
-    ) -> int:
+    async def _relay(self, chat: ChatRequest, reply: Reply, outcome: Outcome) -> int:
         agent = chat.access.agent
         body = orjson.dumps({
             "input_value": chat.message,
@@ -132,27 +133,29 @@ class Relay:
             )
         except UpstreamNoDescriptors as exc:
             self._out_of_descriptors(exc)
-            return await _fail(chat, reply, Unavailable(
+            return await self._fail(chat, reply, outcome, Unavailable(
                 "the gateway has no free connections; retry shortly"))
         except UpstreamConnectError:
-            return await _fail(chat, reply, Unavailable("the agent runtime is unreachable"))
+            return await self._fail(chat, reply, outcome,
+                                    Unavailable("the agent runtime is unreachable"))
         except UpstreamTimeout:
-            return await _fail(chat, reply, RuntimeTimeout("the agent runtime did not answer"))
+            return await self._fail(chat, reply, outcome,
+                                    RuntimeTimeout("the agent runtime did not answer"))
         except UpstreamError:
-            return await _fail(chat, reply, RuntimeFailure("the agent runtime failed"))
+            return await self._fail(chat, reply, outcome,
+                                    RuntimeFailure("the agent runtime failed"))
         try:
             if response.status != 200:
-                return await _fail(chat, reply, RuntimeFailure(
+                return await self._fail(chat, reply, outcome, RuntimeFailure(
                     f"the agent runtime answered {response.status}"))
             if chat.streamed:
-                return await self._stream(chat, reply, response, outcome, started)
-            return await self._collect(chat, reply, response, outcome, started)
+                return await self._stream(chat, reply, response, outcome)
+            return await self._collect(chat, reply, response, outcome)
         finally:
             await response.aclose()
 
     async def _stream(
-        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome,
-        started: float,
+        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome
     ) -> int:
         await reply.start(200, [*_SSE_HEADERS, *chat.response_headers])
         outcome.answering = True
@@ -167,7 +170,7 @@ class Relay:
                     name = event.name
                     if name == b"token":
                         if outcome.ttft_ms is None:
-                            outcome.ttft_ms = self._first_token(started)
+                            outcome.ttft_ms = self._first_token(outcome.started)
                         out.append(event.raw)
                     elif name == b"end":
                         out.append(encode_event(b"end", self._end(chat, event.data, outcome)))
@@ -179,6 +182,7 @@ class Relay:
                         break
                 if done:
                     reply.unwatch()
+                    self._settle(chat, outcome)
                     await reply.last(b"".join(out))
                 elif out:
                     await reply.more(b"".join(out))
@@ -187,18 +191,19 @@ class Relay:
                 return 200
             reply.unwatch()
             failure = _mid_answer(exc)
+            self._settle(chat, outcome)
             await reply.last(encode_event(b"error", _error_body(
                 chat, failure.code, failure.message)))
             return 200
         if not done:
             reply.unwatch()
+            self._settle(chat, outcome)
             await reply.last(encode_event(b"error", _error_body(
                 chat, "runtime_error", "the agent runtime ended without an answer")))
         return 200
 
     async def _collect(
-        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome,
-        started: float,
+        self, chat: ChatRequest, reply: Reply, response: RuntimeAnswer, outcome: Outcome
     ) -> int:
         splitter = SseSplitter()
         answer: bytes | None = None
@@ -209,7 +214,7 @@ class Relay:
                     continue  # drain, as above
                 for event in _events(splitter, chunk):
                     if event.name == b"token" and outcome.ttft_ms is None:
-                        outcome.ttft_ms = self._first_token(started)
+                        outcome.ttft_ms = self._first_token(outcome.started)
                     elif event.name == b"end":
                         answer = self._end(chat, event.data, outcome)
                         break
@@ -221,9 +226,10 @@ class Relay:
                 failure = _mid_answer(exc)
         if answer is not None:
             reply.unwatch()
+            self._settle(chat, outcome)
             await reply.whole(200, answer, chat.response_headers)
             return 200
-        return await _fail(chat, reply, failure or RuntimeFailure(
+        return await self._fail(chat, reply, outcome, failure or RuntimeFailure(
             "the agent runtime ended without an answer"))
 
     def _out_of_descriptors(self, exc: UpstreamNoDescriptors) -> None:
@@ -270,7 +276,32 @@ class Relay:
             },
         })
 
-    def _emit_usage(self, chat: ChatRequest, outcome: Outcome, started: float) -> None:
+    async def _fail(
+        self, chat: ChatRequest, reply: Reply, outcome: Outcome, exc: GatewayError
+    ) -> int:
+        reply.unwatch()
+        self._settle(chat, outcome)
+        await reply_error(reply, exc, chat.request_id, chat.response_headers)
+        return exc.status
+
+    async def _cut_short(self, chat: ChatRequest, reply: Reply, outcome: Outcome) -> None:
+        """Tell the client why its answer ends here rather than just closing the connection."""
+        with contextlib.suppress(Exception):  # the connection may be gone too
+            if outcome.answering:
+                reply.unwatch()
+                self._settle(chat, outcome)
+                await reply.last(encode_event(b"error", _error_body(
+                    chat, "unavailable",
+                    "the gateway is shutting down; the answer was cut short")))
+            else:
+                await self._fail(chat, reply, outcome, Unavailable(
+                    "the gateway is shutting down; retry"))
+
+    def _settle(self, chat: ChatRequest, outcome: Outcome) -> None:
+        """Emit the chat's usage event, once: called before its client is sent the end."""
+        if outcome.emitted:
+            return
+        outcome.emitted = True
         key = chat.access.key
         self._usage.emit(UsageRecord(
             request_id=chat.request_id,
@@ -281,27 +312,10 @@ class Relay:
             status=outcome.status,
             input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens,
-            duration_ms=(time.perf_counter() - started) * 1000,
+            duration_ms=(time.perf_counter() - outcome.started) * 1000,
             ttft_ms=outcome.ttft_ms,
         ))
         self._metrics.child(self._metrics.usage_events, outcome.status).inc()
-
-
-async def _cut_short(chat: ChatRequest, reply: Reply, outcome: Outcome) -> None:
-    """Tell the client why its answer ends here rather than just closing the connection."""
-    with contextlib.suppress(Exception):  # the connection may be gone too
-        if outcome.answering:
-            reply.unwatch()
-            await reply.last(encode_event(b"error", _error_body(
-                chat, "unavailable", "the gateway is shutting down; the answer was cut short")))
-        else:
-            await _fail(chat, reply, Unavailable("the gateway is shutting down; retry"))
-
-
-async def _fail(chat: ChatRequest, reply: Reply, exc: GatewayError) -> int:
-    reply.unwatch()
-    await reply_error(reply, exc, chat.request_id, chat.response_headers)
-    return exc.status
 
 
 def _events(splitter: SseSplitter, chunk: bytes) -> list[SseEvent]:

@@ -7,7 +7,9 @@ record after a damaged one; the checksum tells a damaged record from a good one.
 Files in the spool directory, `owner` being `<instance>.<pid>.<random>` (unique per start):
 
     <owner>.lock              flock(LOCK_EX) held by the live owner, or by whoever adopted it
-    <owner>.<segno>.seg       the owner's segments, written in order, deleted once acknowledged
+    <owner>.<segno>.seg       the owner's segments, written in order, deleted once acknowledged;
+                              the active one is mapped into memory at its full size (its
+                              unwritten rest is zeros) and cut to its length when retired
     <owner>.acked             where acknowledgement had reached (segno, offset): a hint, so a
                               restart resends fewer duplicates; stale is safe, never ahead
 
@@ -16,9 +18,9 @@ A process whose lock is free is dead: any worker may take the lock and replay it
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -69,12 +71,17 @@ def decode_records(buf: bytes, base: int = 0) -> Decoded:
             continue
         following = _resync(buf, pos + 1)
         if following is None:
-            # Nothing valid after this point. An incomplete record at the very end is what a
-            # crash mid-write leaves; anything else (bad checksum, garbage, zeros) is damage.
+            # Nothing valid after this point. Zeros are the part of a segment never written
+            # (segments are made at full size). Before them, a last record cut short (too
+            # short for its length, or framed but failing its checksum) is what a crash
+            # mid-copy leaves; anything else is damage.
             if state == "incomplete":
                 out.torn += size - pos
-            else:
-                out.corrupt += size - pos
+            elif written := len(buf[pos:].rstrip(b"\0")):
+                if buf.startswith(MAGIC, pos):
+                    out.torn += written
+                else:
+                    out.corrupt += written
             break
         out.corrupt += following - pos
         pos = following
@@ -145,54 +152,75 @@ def segments(directory: Path, owner: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-class SegmentWriter:
-    """Appends to the owner's active segment. Writes happen on the event loop (a page-cache
-    write of a few KB costs microseconds); fsync happens in `sync` on a worker thread."""
+class SegmentFull(ValueError):
+    """The record does not fit in the rest of the active segment: roll first."""
 
-    def __init__(self, directory: Path, owner: str) -> None:
+
+class SegmentWriter:
+    """Appends to the owner's active segment through a shared memory map of it: an append is a
+    copy into the page cache, with no system call, and it belongs to the file as soon as it is
+    copied, so a kill -9 of the process one instruction later loses nothing (only a crash of the
+    machine can, before `sync`). A segment is created at its full size with its blocks reserved
+    (posix_fallocate), so a full disk fails the roll with an OSError instead of a write into the
+    map killing the process; what was never written reads as zeros, which readers take as the
+    end. A retired or closed segment is cut to its written length. `sync` (fsync) runs on a
+    worker thread."""
+
+    def __init__(self, directory: Path, owner: str, segment_bytes: int = 4 << 20) -> None:
+        if segment_bytes < 1:
+            raise ValueError("segment_bytes must be positive")
         self.directory = directory
         self.owner = owner
         self.segno = -1
         self.offset = 0
+        self._segment_bytes = segment_bytes
         self._fd = -1
-        self._retired: list[int] = []  # rolled-over segments still to fsync and close
+        self._map: mmap.mmap | None = None
+        self._size = 0
+        self._retired: list[tuple[int, mmap.mmap, int]] = []  # (fd, map, length) to cut, sync
         self._new_dirent = False
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        fd = self._create(0)
+        fd, mapped = self._create(0, self._segment_bytes)
         with self._lock:
-            self._fd, self.segno, self.offset, self._new_dirent = fd, 0, 0, True
+            self._fd, self._map, self._size = fd, mapped, self._segment_bytes
+            self.segno, self.offset, self._new_dirent = 0, 0, True
+
+    def fits(self, size: int) -> bool:
+        return self.offset + size <= self._size
 
     def append(self, data: bytes) -> None:
-        """Write all of `data`, or none of it (a failed write is cut back off the file)."""
-        view, written = memoryview(data), 0
-        try:
-            while written < len(view):
-                written += os.write(self._fd, view[written:])
-        except OSError:
-            if written:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self.offset)
-            raise
-        self.offset += written
+        """Copy `data` into the active segment; `SegmentFull` if it does not fit."""
+        start = self.offset
+        end = start + len(data)
+        if end > self._size or self._map is None:
+            raise SegmentFull(f"{len(data)} bytes do not fit in segment {self.segno}")
+        self._map[start:end] = data
+        self.offset = end
 
-    def roll(self) -> None:
-        fd = self._create(self.segno + 1)  # first: if this fails, the old segment stays active
+    def roll(self, need: int = 0) -> None:
+        """Start the next segment, large enough for a record of `need` bytes."""
+        size = max(self._segment_bytes, need)
+        fd, mapped = self._create(self.segno + 1, size)  # if this fails, the old one stays
         with self._lock:
-            self._retired.append(self._fd)
-            self._fd, self.segno, self.offset, self._new_dirent = fd, self.segno + 1, 0, True
+            if self._map is not None:
+                self._retired.append((self._fd, self._map, self.offset))
+            self._fd, self._map, self._size = fd, mapped, size
+            self.segno, self.offset, self._new_dirent = self.segno + 1, 0, True
 
     def sync(self) -> None:
         """Make everything appended so far durable; called from one worker thread at a time."""
         with self._lock:
             retired, self._retired = self._retired, []
             active, new_dirent, self._new_dirent = self._fd, self._new_dirent, False
-        for fd in retired:
+        for fd, mapped, length in retired:
+            mapped.close()
+            os.ftruncate(fd, length)
             os.fsync(fd)
             os.close(fd)
         if active >= 0:
-            os.fsync(active)
+            os.fsync(active)  # on Linux this writes the pages dirtied through the map too
         if new_dirent:  # a new file's name is only durable once its directory is synced
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -201,15 +229,22 @@ class SegmentWriter:
                 os.close(dir_fd)
 
     def close(self) -> None:
-        self.sync()
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = -1
+            if self._map is not None:
+                self._retired.append((self._fd, self._map, self.offset))
+            self._fd, self._map, self._size = -1, None, 0
+        self.sync()
 
-    def _create(self, segno: int) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        return os.open(segment_path(self.directory, self.owner, segno), flags, 0o600)
+    def _create(self, segno: int, size: int) -> tuple[int, mmap.mmap]:
+        path = segment_path(self.directory, self.owner, segno)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return fd, mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
 
 
 def lock_owner(directory: Path, owner: str) -> int:

@@ -9,18 +9,20 @@ events stay in order on one partition):
      "data": {tenant_id, agent_id, key_id, session_id, status, input_tokens, output_tokens,
               duration_ms, ttft_ms}}
 
-Write-ahead: `emit()` appends the record to a list and returns. Every `flush_interval` the flush
-task encodes what accumulated, appends it to this process's spool segment in one write and hands
-it to the sender (`usage_sender`); a worker thread then fsyncs the segment (group commit: one
-fsync at a time and at most one per `sync_interval`, covering every write before it). The
-sender sends a round to Kafka at most every `round_interval` (50 ms) while it keeps up.
+Write-ahead: `emit()` encodes the record and copies it into this process's spool segment, which
+is mapped into memory (`spool.SegmentWriter`: no system call, about a microsecond), before it
+returns; the relay emits a chat's event before its client receives the end of the answer. Every
+`flush_interval` (5 ms) the flush task hands what was written to the sender (`usage_sender`)
+and wakes a worker thread that fsyncs the segment (group commit: one fsync at a time and at
+most one per `sync_interval`, covering every write before it). The sender sends a round to
+Kafka at most every `round_interval` (50 ms) while it keeps up.
 
-Durability window: an accepted event survives a crash of the process (kill -9) once the flush
-after it has written it: `flush_interval` (5 ms) after `emit()`, plus any event-loop stall. It
-survives a crash of the machine once that write's fsync has returned: within `sync_interval`
-(20 ms) plus an fsync of the write. `await wait_durable()` is the exact barrier. A spool left
-by a dead process is adopted (flock) and replayed by the next worker that starts, or rescans
-(`adopt_interval`).
+Durability: an event survives a crash of the process (kill -9) once `emit()` has returned: it
+is in the file's pages, which the kernel keeps. If the spool cannot take it (a full disk: no
+new segment), it waits in memory, in order, and the flush task retries. It survives a crash of
+the machine once an fsync after it has returned: within `sync_interval` (20 ms) plus an fsync.
+`await wait_durable()` is that barrier. A spool left by a dead process is adopted (flock) and
+replayed by the next worker that starts, or rescans (`adopt_interval`).
 Duplicates are possible after failures; the consumer dedupes by event id.
 """
 
@@ -37,7 +39,7 @@ from typing import Final
 
 import orjson
 
-from gateway.spool import SegmentWriter, encode_record, lock_owner, new_owner, release
+from gateway.spool import Record, SegmentWriter, encode_record, lock_owner, new_owner, release
 from gateway.usage_kafka import KafkaSettings
 from gateway.usage_sender import UsageCounters, UsageSender
 
@@ -121,11 +123,11 @@ class UsageEmitter:
         self._dir = Path(spool_dir)
         self._owner = new_owner(instance)
         self._source = f"gateway/{instance}"
-        self._flush_interval, self._segment_bytes = flush_interval, segment_bytes
-        self._sync_interval = sync_interval
+        self._flush_interval, self._sync_interval = flush_interval, sync_interval
         self._max_pending, self._retry_delay = max_pending_events, backoff_min
-        self._pending: list[UsageRecord] = []
-        self._flushed = 0  # records taken off _pending (written, or dropped as unencodable)
+        self._written: list[Record] = []  # in the spool, not yet handed to the sender
+        self._unwritten: list[Record] = []  # the spool could not take them (yet)
+        self._flushed = 0  # records written to the spool
         self._durable = 0  # of those, how many an fsync has covered
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._closing = False
@@ -134,7 +136,7 @@ class UsageEmitter:
         self._tasks: list[asyncio.Task[None]] = []
         # One thread for the disk: fsyncs, and reading spool files back, never on the loop.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="usage-spool")
-        self._writer = SegmentWriter(self._dir, self._owner)
+        self._writer = SegmentWriter(self._dir, self._owner, segment_bytes)
         kafka = KafkaSettings(
             bootstrap_servers, topic, f"gateway-{self._owner}", send_timeout, connect_timeout,
             # Tansu 0.6 answers InitProducerId with an error: idempotence is for real Kafka.
@@ -168,21 +170,32 @@ class UsageEmitter:
             self._flush_loop(), self._sync_loop(), self._sender.run())]
 
     def emit(self, record: UsageRecord) -> None:
-        """Take one usage event; never waits. See the module docstring for when it is durable."""
+        """Take one usage event and write it to the spool; never waits. Once it returns, a
+        kill -9 of the process no longer loses the event (see the module docstring)."""
         if self._closing:
             raise EmitterClosed("the usage emitter is closed")
         if record.status not in STATUSES:
             raise ValueError(f"unknown usage status {record.status!r}")
-        pending, counters = self._pending, self.counters
-        if len(pending) >= self._max_pending:  # the spool has been unwritable for a while
+        counters = self.counters
+        try:
+            event = encode_event(record, self._source)
+        except (TypeError, ValueError):  # e.g. a lone surrogate in a string: not JSON
+            log.exception("usage: dropping unencodable event %s", record.request_id)
             counters.dropped += 1
-            if counters.dropped % 10_000 == 1:
-                log.error("usage: spool unwritable, %d events dropped", counters.dropped)
             return
-        pending.append(record)
+        if self._unwritten:  # the spool is failing: queue behind the others, in order
+            if len(self._unwritten) >= self._max_pending:
+                counters.dropped += 1
+                if counters.dropped % 10_000 == 1:
+                    log.error("usage: spool unwritable, %d events dropped", counters.dropped)
+                return
+            self._unwritten.append(event)
+        elif not self._write(event):
+            self._unwritten.append(event)
+            self._flush_wakeup.set()
         counters.accepted += 1
         counters.depth += 1
-        if len(pending) == 1:
+        if len(self._written) == 1:
             self._flush_wakeup.set()
 
     async def wait_durable(self) -> None:
@@ -200,6 +213,9 @@ class UsageEmitter:
             return
         self._closing = self._sender.closing = True
         self._flush()
+        if self._unwritten:
+            log.error("usage: %d events could not be written to the spool and are lost",
+                      len(self._unwritten))
         sender = self._sender
         if self._tasks:
             waits = [asyncio.create_task(event.wait()) for event in (sender.idle, sender.stalled)]
@@ -215,7 +231,7 @@ class UsageEmitter:
         if self._lock_fd >= 0:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
             self._settle_durable(self._flushed)
-            drained = sender.idle.is_set() and not self._pending
+            drained = sender.idle.is_set() and not self._unwritten
             if not drained:
                 sender.acked_mark.write(*sender.cursor)
             sender.acked_mark.close()
@@ -230,44 +246,51 @@ class UsageEmitter:
     async def _flush_loop(self) -> None:
         while True:
             await self._flush_wakeup.wait()
-            await asyncio.sleep(self._flush_interval)  # linger: one write for a few ms of events
+            await asyncio.sleep(self._flush_interval)  # linger: one hand-over for a few ms
             self._flush_wakeup.clear()
             try:
                 self._flush()
             except Exception:  # a bug here must not stop the spool for good
                 log.exception("usage: flush failed")
-            if self._pending:  # the write failed; try again in a while
+            if self._unwritten:  # the spool still cannot take them; try again in a while
                 await asyncio.sleep(self._retry_delay)
                 self._flush_wakeup.set()
 
     def _flush(self) -> None:
-        batch = self._pending
-        if not batch:
-            return
-        self._pending = []
-        records = []
-        for usage in batch:
-            try:
-                records.append(encode_event(usage, self._source))
-            except (TypeError, ValueError):  # e.g. a lone surrogate in a string: not JSON
-                log.exception("usage: dropping unencodable event %s", usage.request_id)
-                self.counters.dropped += 1
-                self.counters.depth -= 1
-        segno = self._writer.segno
+        """Write what waits in memory, then hand what was written to the sender."""
+        unwritten = self._unwritten
+        if unwritten:
+            for done, event in enumerate(unwritten):
+                if not self._write(event):
+                    self._unwritten = unwritten[done:]
+                    break
+            else:
+                self._unwritten = []
+        self._hand_over()
+
+    def _write(self, event: Record) -> bool:
+        """Append one event to the active segment, rolling to a new one when it is full."""
+        frame = encode_record(*event)
+        writer = self._writer
         try:
-            self._writer.append(b"".join([encode_record(key, value) for key, value in records]))
+            if not writer.fits(len(frame)):
+                self._hand_over()  # what was written so far ends in this segment
+                writer.roll(len(frame))
+            writer.append(frame)
         except OSError:
-            log.exception("usage: cannot write the spool; keeping %d events", len(batch))
-            self._pending = batch + self._pending
-            return
-        self._flushed += len(batch)
-        self._sender.written(segno, self._writer.offset, records)
-        self._sync_wakeup.set()
-        if self._writer.offset >= self._segment_bytes:
-            try:
-                self._writer.roll()
-            except OSError:  # keep appending to the current segment; try again next flush
-                log.exception("usage: cannot start a new spool segment")
+            if not self._unwritten:
+                log.exception("usage: cannot write the spool; keeping events in memory")
+            return False
+        self._written.append(event)
+        self._flushed += 1
+        return True
+
+    def _hand_over(self) -> None:
+        records = self._written
+        if records:
+            self._written = []
+            self._sender.written(self._writer.segno, self._writer.offset, records)
+            self._sync_wakeup.set()
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -93,6 +93,7 @@ class UsageSender:
         self._queue: deque[_Chunk] = deque()
         self._queued = 0
         self.cursor = (0, 0)  # own spool: the position after the last acknowledged record
+        self._handed = (0, 0)  # own spool: the end of the last records handed to `written()`
         self._oldest_segno = 0
         self.acked_mark = AckedMark(self._dir, self._owner)
         self._stretch: _Stretch | None = None
@@ -113,6 +114,7 @@ class UsageSender:
 
     def written(self, segno: int, end: int, records: list[Record]) -> None:
         """The flush appended `records` to the spool, ending at (segno, end)."""
+        self._handed = (segno, end)
         if self._live:
             self._queue.append(_Chunk(segno, end, records))
             self._queued += len(records)
@@ -209,20 +211,21 @@ class UsageSender:
         return _Round(records, lambda: self._advance(last.segno, last.end), False)
 
     async def _read_own(self) -> None:
-        """Read our spool on from the cursor; once that reaches the writer, go live again."""
+        """Read our spool on from the cursor; once that reaches what the flush handed over
+        (records written after it are handed over next), go live again."""
         segno, offset = self.cursor
-        if segno == self._writer.segno and offset >= self._writer.offset:
+        handed_segno, handed_end = self._handed
+        if (segno, offset) >= self._handed:
             self._live, self._stretch = True, None
             return
-        sealed = segno < self._writer.segno
-        end = None if sealed else self._writer.offset
+        sealed = segno < handed_segno  # the writer moves on only once all of it was handed over
+        end = None if sealed else handed_end
         path = segment_path(self._dir, self._owner, segno)
         decoded = await self._read(path, offset, end)
         if decoded.records:
             self._stretch = _Stretch(segno, decoded, sealed)
-            # Nothing was written during the read: what gets flushed next queues behind it.
-            writer = self._writer
-            self._live = not sealed and (writer.segno, writer.offset) == (segno, end)
+            # Nothing was handed over during the read: what comes next queues behind it.
+            self._live = not sealed and self._handed == (segno, end)
         elif end is None:
             self._advance(segno + 1, 0)
         else:  # only damaged bytes up to the writer: skip them

@@ -160,17 +160,33 @@ async def test_kill_9_of_the_gateway_loses_no_usage_event(
     stack: Stack, tenant: Tenant, usage: UsageReader
 ) -> None:
     """Events of answered requests sit in the gateway's spool while Kafka is down; after a
-    kill -9 of every gateway process, the restarted gateway delivers them."""
+    kill -9 of every gateway process, the restarted gateway delivers them. The kill comes as
+    soon as the last answer's end arrived (streamed: with its connection still open): the
+    event was written before the end was sent."""
     stack.process("kafka").stop()
     completed = []
     try:
         async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
             for i in range(10):
-                response = await chat(client, tenant, f"before the crash {i}")
-                assert response.status_code == 200, response.text
-                completed.append(response.json()["request_id"])
-        await asyncio.sleep(0.2)  # past the spool's write window (5 ms)
-        stack.process("gateway").kill()
+                if i % 2 == 0:
+                    response = await chat(client, tenant, f"before the crash {i}")
+                    assert response.status_code == 200, response.text
+                    completed.append(response.json()["request_id"])
+                    continue
+                async with client.stream(
+                    "POST", tenant.chat_path, json={"message": f"before the crash {i}"},
+                    headers={**auth(tenant.secret_key), **SSE},
+                ) as streamed:
+                    assert streamed.status_code == 200
+                    body = ""
+                    async for text in streamed.aiter_text():
+                        body += text
+                        if "event: end" in body and body.endswith("\n\n"):
+                            break
+                    end = dict(sse_events(body))["end"]
+                    completed.append(end["request_id"])
+                    if i == 9:  # the last chat: kill the gateway while its stream is open
+                        stack.process("gateway").kill()
     finally:
         stack.start_process("kafka")
         if not stack.process("gateway").running:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from gateway.spool import (
     AckedMark,
+    SegmentFull,
     SegmentWriter,
     adopt_orphans,
     decode_records,
@@ -47,7 +50,7 @@ def test_records_read_back_in_append_order(tmp_path: Path) -> None:
     decoded = read_segment(path)
     assert decoded.records == first + second
     assert (decoded.torn, decoded.corrupt) == (0, 0)
-    assert decoded.ends == sorted(decoded.ends) and decoded.ends[-1] == path.stat().st_size
+    assert decoded.ends == sorted(decoded.ends) and decoded.ends[-1] == writer.offset
     assert decoded.ends[9] == middle
     # Reading on from an acknowledgement point gives exactly the rest.
     assert read_segment(path, middle).records == second
@@ -94,13 +97,48 @@ def test_a_checksum_mismatch_is_detected_and_the_rest_recovered(tmp_path: Path) 
     assert decoded.torn == 0
 
 
-def test_a_zero_filled_tail_is_skipped(tmp_path: Path) -> None:
-    # After a power loss a file can end in zeros where the last writes never landed.
+def test_a_zero_filled_tail_is_unwritten_space(tmp_path: Path) -> None:
+    # A segment is made at its full size: the part never written reads as zeros.
     records = sample(4)
     data = written_segment(tmp_path, records).read_bytes() + bytes(300)
     decoded = decode_records(data)
     assert decoded.records == records
-    assert decoded.corrupt == 300
+    assert (decoded.torn, decoded.corrupt) == (0, 0)
+
+
+def test_a_record_cut_short_before_the_zeros_is_torn(tmp_path: Path) -> None:
+    # A kill -9 in the middle of copying a record into the map: its frame is there, the rest
+    # of it is not (zeros, or less than its length says).
+    records = sample(4)
+    data = written_segment(tmp_path, records).read_bytes()
+    last = len(encode_record(*records[-1]))
+    for kept in (3, 13, last - 2):  # each ends in a byte that is not zero
+        decoded = decode_records(data[: len(data) - last + kept] + bytes(4096))
+        assert decoded.records == records[:-1]
+        assert (decoded.torn, decoded.corrupt) == (kept, 0)
+
+
+def test_a_live_segment_is_full_size_and_cut_to_its_records_when_retired(
+    tmp_path: Path,
+) -> None:
+    writer = SegmentWriter(tmp_path, "owner.1.abc", segment_bytes=4096)
+    writer.open()
+    first = segment_path(tmp_path, "owner.1.abc", 0)
+    assert first.stat().st_size == 4096
+    writer.append(encode_record(b"t", b"one"))
+    assert writer.fits(4096 - writer.offset) and not writer.fits(4097 - writer.offset)
+    # Written through the map, the record is in the file at once: no write or sync yet.
+    assert read_segment(first).records == [(b"t", b"one")]
+    big = encode_record(b"t", b"x" * 5000)
+    with pytest.raises(SegmentFull):
+        writer.append(big)
+    writer.roll(len(big))  # a record larger than a segment gets a segment of its own size
+    writer.append(big)
+    writer.close()
+    assert first.stat().st_size == len(encode_record(b"t", b"one"))
+    assert read_segment(segment_path(tmp_path, "owner.1.abc", 1)).records == [
+        (b"t", b"x" * 5000)]
+    assert segment_path(tmp_path, "owner.1.abc", 1).stat().st_size == len(big)
 
 
 def test_a_live_owner_is_never_adopted(tmp_path: Path) -> None:

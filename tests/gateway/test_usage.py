@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -19,7 +20,13 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from devstack.procs import free_port
 from gateway.ids import uuid7
-from gateway.spool import SegmentWriter, encode_record, lock_owner
+from gateway.spool import (
+    SegmentWriter,
+    encode_record,
+    lock_owner,
+    read_segment,
+    segment_path,
+)
 from gateway.usage import EmitterClosed, UsageEmitter, UsageRecord, encode_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +276,7 @@ import asyncio, sys
 from gateway.ids import uuid7
 from gateway.usage import UsageEmitter, UsageRecord
 
-async def main(bootstrap, topic, spool):
+async def main(bootstrap, topic, spool, barrier):
     emitter = UsageEmitter(bootstrap_servers=bootstrap, topic=topic, spool_dir=spool,
         instance="victim", send_timeout=1.0, connect_timeout=0.5, backoff_max=0.2,
         segment_bytes=64 * 1024)
@@ -282,8 +289,11 @@ async def main(bootstrap, topic, spool):
             emitter.emit(UsageRecord(ids[-1], f"tenant-{i % 5}", "agent", "key", "session",
                 "completed", 1, 2, 3.0, 1.0))
             i += 1
-        await emitter.wait_durable()
-        # Only now are these accepted and durable: the parent holds us to exactly these.
+        if barrier == "fsync":
+            await emitter.wait_durable()  # written and fsynced
+        else:
+            await asyncio.sleep(0)  # only emitted: the flush task has not run for them yet
+        # The parent holds us to exactly these.
         sys.stdout.write(" ".join(ids) + "\\n")
         sys.stdout.flush()
 
@@ -291,15 +301,19 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("kafka_up", [True, False], ids=["kafka-up", "kafka-down"])
-async def test_kill_9_loses_no_durable_event(
-    kafka_up: bool, kafka_bootstrap: str, usage_topic: str, tmp_path: Path,
+@pytest.mark.parametrize(("kafka_up", "barrier"), [
+    (True, "fsync"), (False, "fsync"), (False, "emitted"), (True, "emitted"),
+], ids=["kafka-up", "kafka-down", "kafka-down-emitted", "kafka-up-emitted"])
+async def test_kill_9_loses_no_emitted_event(
+    kafka_up: bool, barrier: str, kafka_bootstrap: str, usage_topic: str, tmp_path: Path,
 ) -> None:
+    """A kill -9 at any moment loses no event whose emit() had returned (with `emitted`, the
+    victim reports each batch as soon as emit() returned, before any flush or fsync)."""
     await create_topic(kafka_bootstrap, usage_topic)
     # kafka-down: the victim's broker address has nobody listening, so all of it is spooled.
     victim_bootstrap = kafka_bootstrap if kafka_up else f"127.0.0.1:{free_port()}"
     victim = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", VICTIM, victim_bootstrap, usage_topic, str(tmp_path),
+        sys.executable, "-c", VICTIM, victim_bootstrap, usage_topic, str(tmp_path), barrier,
         stdout=asyncio.subprocess.PIPE, cwd=REPO)
     assert victim.stdout is not None
     durable: list[str] = []
@@ -329,6 +343,48 @@ async def test_kill_9_loses_no_durable_event(
     messages = await consume(kafka_bootstrap, usage_topic, set(durable))
     lost = set(durable) - set(event_ids(messages))
     assert not lost, f"{len(lost)} of {len(durable)} durable events lost"
+
+
+async def test_events_the_spool_cannot_take_wait_in_memory_in_order(
+    kafka_bootstrap: str, usage_topic: str, tmp_path: Path,
+) -> None:
+    """A new segment that cannot be made (here: over the file size limit, as on a full disk)
+    leaves events in memory; they are written, in emit order, once it can be, and delivered."""
+    await create_topic(kafka_bootstrap, usage_topic)
+    emitter = UsageEmitter(
+        bootstrap_servers=kafka_bootstrap, topic=usage_topic, spool_dir=tmp_path,
+        instance="gw-full", segment_bytes=4096, backoff_min=0.05)
+    await emitter.start()
+    records = [record(i) for i in range(40)]  # about eight fit in a segment
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        for usage in records[:30]:
+            emitter.emit(usage)
+        written = [p for p in os.listdir(tmp_path) if p.endswith(".seg")]
+        assert written == [segment_path(tmp_path, emitter_owner(tmp_path), 0).name]
+        on_disk = read_segment(tmp_path / written[0]).records
+        assert 0 < len(on_disk) < 30 and emitter.counters.accepted == 30
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    for usage in records[30:]:
+        emitter.emit(usage)
+    await emitter.wait_durable()  # the flush task wrote what waited, then the rest
+    await emitter.close()
+    assert emitter.spool_depth == 0 and emitter.counters.dropped == 0
+    messages = await consume(kafka_bootstrap, usage_topic, {r.request_id for r in records})
+    assert sorted(set(event_ids(messages))) == sorted(r.request_id for r in records)
+    for partition in {m.partition for m in messages}:  # in emit order
+        order = [orjson.loads(m.value)["data"]["input_tokens"]
+                 for m in messages if m.partition == partition]
+        assert order == sorted(order)
+
+
+def emitter_owner(spool: Path) -> str:
+    [lock] = [name for name in os.listdir(spool) if name.endswith(".lock")]
+    return lock[: -len(".lock")]
 
 
 async def test_a_spool_left_by_close_is_replayed_by_the_next_worker(
