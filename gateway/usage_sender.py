@@ -252,7 +252,7 @@ class UsageSender:
         return None
 
     def _orphan_served(self) -> None:
-        self.orphans[0].segments.pop(0)[1].unlink(missing_ok=True)
+        self._remove(self.orphans[0].segments.pop(0)[1])
         self._orphan_stretch = None
 
     def _stretch_round(self, stretch: _Stretch, *, own: bool) -> _Round:
@@ -276,9 +276,14 @@ class UsageSender:
         """Acknowledged up to (segno, offset): delete older segments, note it for restarts."""
         self.cursor = (segno, offset)
         while self._oldest_segno < segno:
-            segment_path(self._dir, self._owner, self._oldest_segno).unlink(missing_ok=True)
+            self._remove(segment_path(self._dir, self._owner, self._oldest_segno))
             self._oldest_segno += 1
         self.acked_mark.write(segno, offset)
+
+    def _remove(self, path: Path) -> None:
+        """Delete a replayed segment on the disk thread: freeing a file's blocks can take a
+        millisecond, a stall every segment on the event loop."""
+        self._thread.submit(_unlink, path)
 
     def _adopt(self) -> None:
         held = {self._owner, *(orphan.owner for orphan in self.orphans)}
@@ -291,3 +296,10 @@ class UsageSender:
     async def _read(self, path: Path, offset: int, end: int | None) -> Decoded:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, read_segment, path, offset, end)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        log.exception("usage: cannot delete the replayed spool segment %s", path)
