@@ -56,7 +56,9 @@ class ChatRequest:
 @dataclass(slots=True)
 class Outcome:
     status: str = "failed"
-    input_tokens: int = 0
+    input_tokens: int = 0  # known only from the runtime's end
+    # The runtime's count once its end came; before that, the tokens it sent (one per `token`
+    # event), so that a chat cut short or failed mid-answer reports what was generated.
     output_tokens: int = 0
     ttft_ms: float | None = None
     answering: bool = False  # a streamed answer's head went out
@@ -169,6 +171,7 @@ class Relay:
                 for event in _events(splitter, chunk):
                     name = event.name
                     if name == b"token":
+                        outcome.output_tokens += 1  # the end's count replaces this
                         if outcome.ttft_ms is None:
                             outcome.ttft_ms = self._first_token(outcome.started)
                         out.append(event.raw)
@@ -213,8 +216,10 @@ class Relay:
                 if answer is not None or failure is not None:
                     continue  # drain, as above
                 for event in _events(splitter, chunk):
-                    if event.name == b"token" and outcome.ttft_ms is None:
-                        outcome.ttft_ms = self._first_token(outcome.started)
+                    if event.name == b"token":
+                        outcome.output_tokens += 1  # the end's count replaces this
+                        if outcome.ttft_ms is None:
+                            outcome.ttft_ms = self._first_token(outcome.started)
                     elif event.name == b"end":
                         answer = self._end(chat, event.data, outcome)
                         break

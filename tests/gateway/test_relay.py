@@ -121,6 +121,43 @@ async def test_a_client_gone_before_its_run_is_sent_costs_no_run(serve: ServeRaw
     assert [r.status for r in usage.records] == ["cancelled"]
 
 
+async def test_a_stream_left_mid_answer_reports_the_tokens_sent(serve: ServeRaw) -> None:
+    """The runtime counts tokens only in its end: a chat cut short reports those relayed."""
+    server = await runtime(serve, SSE_HEAD, chunk(TOKEN * 2), chunk(TOKEN), hold=True)
+    usage = Usage()
+    relay = Relay(UpstreamPool(), usage, GatewayMetrics(), runtime_token="t")  # type: ignore[arg-type]
+    protocol = Protocol()
+    cycle = cycle_for(protocol)
+    running = asyncio.create_task(relay.run(request(server.port, streamed=True), cycle))
+    await wait_for(lambda: b"".join(protocol.transport.written).count(b"event: token") == 3,
+                   "three tokens relayed")
+    cycle.lost()
+    assert await asyncio.wait_for(running, WAIT) == CLIENT_CLOSED
+    assert [(r.status, r.input_tokens, r.output_tokens) for r in usage.records] == [
+        ("cancelled", 0, 3)]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+async def test_a_run_failing_mid_answer_reports_the_tokens_sent(
+    serve: ServeRaw, streamed: bool
+) -> None:
+    failure = b'event: error\ndata: {"code": "runtime_error", "message": "model gone"}\n\n'
+    server = await runtime(serve, SSE_HEAD, chunk(TOKEN * 4), chunk(failure), b"0\r\n\r\n")
+    status, _, usage = await relayed(server, streamed=streamed)
+    assert status == (200 if streamed else 502)
+    assert [(r.status, r.output_tokens) for r in usage.records] == [("failed", 4)]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+async def test_the_runtime_end_gives_the_token_counts(serve: ServeRaw, streamed: bool) -> None:
+    end = b'event: end\ndata: {"text": "Hi", "usage": {"input_tokens": 9, "output_tokens": 2}}\n\n'
+    server = await runtime(serve, SSE_HEAD, chunk(TOKEN * 4), chunk(end), b"0\r\n\r\n")
+    status, _, usage = await relayed(server, streamed=streamed)
+    assert status == 200
+    assert [(r.status, r.input_tokens, r.output_tokens) for r in usage.records] == [
+        ("completed", 9, 2)]
+
+
 UNREADABLE = {
     "end-not-json": chunk(TOKEN) + chunk(b"event: end\ndata: {not json\n\n") + b"0\r\n\r\n",
     "end-usage-not-a-number": chunk(TOKEN) + chunk(
