@@ -9,6 +9,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import orjson
@@ -29,6 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.keys import Jwks, KeyVerifier
 from gateway.link import LinkPool, LinkSettings
+from gateway.loop_probe import LoopProbe
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe import Deferred, Front
 from gateway.registry import RegistryCache
@@ -126,6 +128,10 @@ def build_app(config: GatewayConfig) -> Front:
                 # Start serving even if a dependency is late: readiness says when all is there.
                 await asyncio.wait_for(listener.ready.wait(), 5)
             _settle_garbage_collector()
+            if config.loop_probe is not None:
+                probe = LoopProbe(asyncio.get_running_loop())
+                probe.start()
+                stack.callback(_write_probe_report, probe, config.loop_probe)
             try:
                 yield
             finally:
@@ -205,6 +211,13 @@ def _settle_garbage_collector() -> None:
 
 
 _GC_YOUNG_THRESHOLD = 20_000
+
+
+def _write_probe_report(probe: LoopProbe, path: Path) -> None:
+    """At shutdown: the worker's report as `<path>.<pid>.json`."""
+    probe.stop()
+    report = probe.report()
+    Path(f"{path}.{report['pid']}.json").write_bytes(orjson.dumps(report))
 
 
 async def _keep_jwks_fresh(jwks: Jwks, verifier: KeyVerifier) -> None:

@@ -69,6 +69,7 @@ class GatewayConfig:
     widget_bundle: Path = DEFAULT_WIDGET_BUNDLE
     http: str = "gateway"  # gateway: chats skip ASGI (gateway.http); asgi: uvicorn's own protocol
     runtime_transport: str = "link"  # link: runs multiplexed (gateway.link); http: one per socket
+    loop_probe: Path | None = None  # a diagnostic (gateway.loop_probe): each worker's report
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -90,6 +91,7 @@ class GatewayConfig:
             instance=env.get("GATEWAY_INSTANCE", socket.gethostname()),
             usage_topic=env.get("GATEWAY_USAGE_TOPIC", "agent-usage"),
             audit_log=Path(audit) if audit else None,
+            loop_probe=Path(probe) if (probe := env.get("GATEWAY_LOOP_PROBE")) else None,
             host=env.get("GATEWAY_HOST", "127.0.0.1"),
             port=int(_number(env, "GATEWAY_PORT", 8080, minimum=1, maximum=65535)),
             workers=int(_number(env, "GATEWAY_WORKERS", 2, minimum=1)),

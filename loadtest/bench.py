@@ -32,11 +32,13 @@ from typing import Any
 import orjson
 import uvloop
 
+from devstack.procs import free_port
 from loadtest import bench_gateway, loadgen
 from loadtest.bench_gateway import Target, Targets
 from loadtest.bench_stack import GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack
 
 PROFILE = ROOT / ".stack" / "bench" / "gateway-profile.txt"  # py-spy's collapsed stacks
+LOOP_PROBE = ROOT / ".stack" / "bench" / "loop-probe"  # the probed worker's <this>.<pid>.json
 TTFT_DELAY_MS = 20.0
 OVERHEAD_KEYS = tuple(f"{series}_{p}_ms" for series in (
     "overhead", "overhead_beyond_one_hop", "direct", "relay", "gateway") for p in ("p50", "p99"))
@@ -59,6 +61,8 @@ OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--rps-seconds", float, 4.0, "per closed-loop run"),
     ("--profile-seconds", float, 10.0, "py-spy sampling; 0 to skip"),
     ("--py-spy", str, str(Path(sys.executable).parent / "py-spy"), "the py-spy binary"),
+    ("--tail-seconds", float, 5.0, "a probed worker at --rate, for where the tail comes from; 0 "
+     "to skip"),
 )
 
 
@@ -80,7 +84,9 @@ def options() -> argparse.Namespace:
     return args
 
 
-async def measure(targets: Targets, args: argparse.Namespace, errors: list[str]) -> dict[str, Any]:
+async def measure(
+    targets: Targets, args: argparse.Namespace, errors: list[str], bench: BenchStack,
+) -> dict[str, Any]:
     """Per server: streaming checks, streams, TTFT; then overhead and throughput with the
     servers taking turns, so that both see the same machine. A phase that fails is reported in
     `errors` and the others still run."""
@@ -121,7 +127,43 @@ async def measure(targets: Targets, args: argparse.Namespace, errors: list[str])
         server, t = next(iter(targets.items()))
         progress(f"{server}: profiling the worker under load ({args.profile_seconds:.0f} s)")
         found[server]["profile"] = await profile(t, args.profile_seconds, args.py_spy)
+    if targets and args.tail_seconds > 0:
+        server, t = next(iter(targets.items()))
+        progress(f"{server}: a probed worker at {args.rate:.0f}/s, for where the tail comes from")
+        try:
+            found[server]["tail_profile"] = await tail_profile(
+                bench, server, t, args.rate, args.tail_seconds)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON
+            errors.append(f"tail profile: {exc!r}"[:600])
     return found
+
+
+async def tail_profile(
+    bench: BenchStack, server: str, t: Target, rate: float, seconds: float,
+) -> dict[str, Any]:
+    """Where the overhead's tail comes from: a worker of its own runs with GATEWAY_LOOP_PROBE
+    (gateway.loop_probe) at the overhead's rate, and reports at shutdown how late its event loop
+    ran callbacks and where it was meanwhile. Probing slows a worker a little, so the latency
+    measured here is not the headline's."""
+    LOOP_PROBE.parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before any load
+    for old in LOOP_PROBE.parent.glob(f"{LOOP_PROBE.name}.*.json"):  # noqa: ASYNC240
+        old.unlink()
+    port = free_port()
+    process = bench.launch(bench.gateway(server, port, {"GATEWAY_LOOP_PROBE": str(LOOP_PROBE)},
+                                         name=f"gateway-{server}-probed"), 60)
+    try:
+        payload = t.via_gateway("fast")
+        await loadgen.open_loop(port, payload, rate, 1.0)  # warm-up
+        tally = await loadgen.open_loop(port, payload, rate, seconds)
+    finally:
+        await asyncio.to_thread(process.stop)  # the worker writes its report as it stops
+    reports = [orjson.loads(path.read_bytes())  # noqa: ASYNC240 - the worker has stopped
+               for path in LOOP_PROBE.parent.glob(f"{LOOP_PROBE.name}.*.json")]
+    if not reports:
+        raise RuntimeError(f"the probed worker wrote no report beside {LOOP_PROBE}")
+    summary = tally.summary()
+    return {"rate_per_s": rate, "seconds": seconds, "latency_while_probed": summary["latency"],
+            "errors": summary["errors"], "loop": max(reports, key=lambda r: r["probes"])}
 
 
 async def profile(t: Target, seconds: float, py_spy: str) -> dict[str, Any]:
@@ -279,7 +321,7 @@ def run(args: argparse.Namespace, errors: list[str]) -> dict[str, dict[str, Any]
     bench = BenchStack(root, args.servers.split(","), ttft_ms=TTFT_DELAY_MS, progress=progress)
     args.open_files = bench.open_files
     try:
-        return uvloop.run(measure(bench.start(), args, errors))
+        return uvloop.run(measure(bench.start(), args, errors, bench))
     except Exception as exc:  # noqa: BLE001 - reported in the JSON
         errors.append(f"bench: {exc!r}"[:800])
         return {}

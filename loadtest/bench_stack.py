@@ -87,7 +87,9 @@ class BenchStack:
                              "--ttft-ms", str(self.ttft_ms), "--core", str(core), *options],
             log_path=self.stack.root / "logs" / f"{name}.log", ready=tcp_ready(port), cwd=ROOT)
 
-    def gateway(self, server: str, port: int) -> ManagedProcess:
+    def gateway(
+        self, server: str, port: int, env: dict[str, str] | None = None, name: str = "",
+    ) -> ManagedProcess:
         """The stack's gateway (same environment) on `port`, pinned to its core with a raised
         open-files limit, under `python -m gateway` (`uvicorn`: uvicorn with the gateway's own
         protocol for chats; `uvicorn-asgi`: uvicorn's stock protocol, every route via ASGI;
@@ -100,14 +102,15 @@ class BenchStack:
             "uvloop", "--workers", "1", "--factory", "--host", "127.0.0.1", "--port", str(port),
             "--backlog", "16384", "--backpressure", str(limit), "--log-level", "warning",
             "gateway.app:create_app"]
+        name = name or f"gateway-{server}"
         env = {**base.env, "GATEWAY_PORT": str(port),
-               "GATEWAY_SPOOL_DIR": str(self.stack.root / f"gateway-{server}" / "spool"),
+               "GATEWAY_SPOOL_DIR": str(self.stack.root / name / "spool"),
                "GATEWAY_HTTP": "asgi" if server == "uvicorn-asgi" else "gateway",
-               "GATEWAY_RUNTIME_TRANSPORT": transport(server)}
+               "GATEWAY_RUNTIME_TRANSPORT": transport(server), **(env or {})}
         return dataclasses.replace(
-            base, name=f"gateway-{server}", argv=prefix + command, cwd=ROOT, env=env,
+            base, name=name, argv=prefix + command, cwd=ROOT, env=env,
             ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
-            log_path=self.stack.root / "logs" / f"gateway-{server}.log")
+            log_path=self.stack.root / "logs" / f"{name}.log")
 
     async def seed_agents(self) -> dict[str, Agent]:
         """An agent per behaviour of the canned runtime, with limits that refuse nothing: the

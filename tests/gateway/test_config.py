@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.config import ConfigError, GatewayConfig
@@ -18,6 +20,12 @@ def test_defaults_serve_chats_with_the_gateways_own_protocol() -> None:
     assert config.http == "gateway"
     assert config.runtime_transport == "link"
     assert config.workers == 2 and config.max_body_bytes == 32 * 1024
+    assert config.loop_probe is None
+
+
+def test_the_loop_probe_is_on_when_it_names_a_file() -> None:
+    config = GatewayConfig.from_env({**REQUIRED, "GATEWAY_LOOP_PROBE": "/tmp/probe"})
+    assert config.loop_probe == Path("/tmp/probe")
 
 
 def test_the_stock_asgi_protocol_can_be_chosen() -> None:
