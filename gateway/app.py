@@ -217,7 +217,11 @@ def _write_probe_report(probe: LoopProbe, path: Path) -> None:
     """At shutdown: the worker's report as `<path>.<pid>.json`."""
     probe.stop()
     report = probe.report()
-    Path(f"{path}.{report['pid']}.json").write_bytes(orjson.dumps(report))
+    target = Path(f"{path}.{report['pid']}.json")
+    try:
+        target.write_bytes(orjson.dumps(report))
+    except OSError:  # the rest of the shutdown goes on
+        log.exception("cannot write the loop probe's report to %s", target)
 
 
 async def _keep_jwks_fresh(jwks: Jwks, verifier: KeyVerifier) -> None:

@@ -42,6 +42,17 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
+def _report_path(env: Mapping[str, str], name: str) -> Path | None:
+    """A file prefix the worker writes to when it stops: its folder must exist from the start."""
+    raw = env.get(name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.parent.is_dir():
+        raise ConfigError(f"{name}: the folder {str(path.parent)!r} does not exist, got {raw!r}")
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     redis_url: str
@@ -91,7 +102,7 @@ class GatewayConfig:
             instance=env.get("GATEWAY_INSTANCE", socket.gethostname()),
             usage_topic=env.get("GATEWAY_USAGE_TOPIC", "agent-usage"),
             audit_log=Path(audit) if audit else None,
-            loop_probe=Path(probe) if (probe := env.get("GATEWAY_LOOP_PROBE")) else None,
+            loop_probe=_report_path(env, "GATEWAY_LOOP_PROBE"),
             host=env.get("GATEWAY_HOST", "127.0.0.1"),
             port=int(_number(env, "GATEWAY_PORT", 8080, minimum=1, maximum=65535)),
             workers=int(_number(env, "GATEWAY_WORKERS", 2, minimum=1)),

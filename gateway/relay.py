@@ -106,8 +106,7 @@ class Relay:
             return CLIENT_CLOSED
         finally:
             self.open_streams -= 1
-            reply.unwatch()
-            self._settle(chat, outcome)  # if no answer went out (cancelled, say)
+            self._settle(chat, reply, outcome)  # if no answer went out (cancelled, say)
 
     async def _relay(self, chat: ChatRequest, reply: Reply, outcome: Outcome) -> int:
         agent = chat.access.agent
@@ -171,9 +170,7 @@ class Relay:
                 for event in _events(splitter, chunk):
                     name = event.name
                     if name == b"token":
-                        outcome.output_tokens += 1  # the end's count replaces this
-                        if outcome.ttft_ms is None:
-                            outcome.ttft_ms = self._first_token(outcome.started)
+                        self._token(outcome)
                         out.append(event.raw)
                     elif name == b"end":
                         out.append(encode_event(b"end", self._end(chat, event.data, outcome)))
@@ -184,23 +181,20 @@ class Relay:
                         done = True
                         break
                 if done:
-                    reply.unwatch()
-                    self._settle(chat, outcome)
+                    self._settle(chat, reply, outcome)
                     await reply.last(b"".join(out))
                 elif out:
                     await reply.more(b"".join(out))
         except UpstreamError as exc:
             if done:
                 return 200
-            reply.unwatch()
             failure = _mid_answer(exc)
-            self._settle(chat, outcome)
+            self._settle(chat, reply, outcome)
             await reply.last(encode_event(b"error", _error_body(
                 chat, failure.code, failure.message)))
             return 200
         if not done:
-            reply.unwatch()
-            self._settle(chat, outcome)
+            self._settle(chat, reply, outcome)
             await reply.last(encode_event(b"error", _error_body(
                 chat, "runtime_error", "the agent runtime ended without an answer")))
         return 200
@@ -217,9 +211,7 @@ class Relay:
                     continue  # drain, as above
                 for event in _events(splitter, chunk):
                     if event.name == b"token":
-                        outcome.output_tokens += 1  # the end's count replaces this
-                        if outcome.ttft_ms is None:
-                            outcome.ttft_ms = self._first_token(outcome.started)
+                        self._token(outcome)
                     elif event.name == b"end":
                         answer = self._end(chat, event.data, outcome)
                         break
@@ -230,8 +222,7 @@ class Relay:
             if answer is None and failure is None:
                 failure = _mid_answer(exc)
         if answer is not None:
-            reply.unwatch()
-            self._settle(chat, outcome)
+            self._settle(chat, reply, outcome)
             await reply.whole(200, answer, chat.response_headers)
             return 200
         return await self._fail(chat, reply, outcome, failure or RuntimeFailure(
@@ -253,10 +244,12 @@ class Relay:
             self.open_streams, soft,
         )
 
-    def _first_token(self, started: float) -> float:
-        elapsed = time.perf_counter() - started
-        self._metrics.upstream_ttft.observe(elapsed)
-        return elapsed * 1000
+    def _token(self, outcome: Outcome) -> None:
+        outcome.output_tokens += 1  # the end's count replaces this
+        if outcome.ttft_ms is None:
+            elapsed = time.perf_counter() - outcome.started
+            self._metrics.upstream_ttft.observe(elapsed)
+            outcome.ttft_ms = elapsed * 1000
 
     def _end(self, chat: ChatRequest, data: bytes, outcome: Outcome) -> bytes:
         try:
@@ -284,8 +277,7 @@ class Relay:
     async def _fail(
         self, chat: ChatRequest, reply: Reply, outcome: Outcome, exc: GatewayError
     ) -> int:
-        reply.unwatch()
-        self._settle(chat, outcome)
+        self._settle(chat, reply, outcome)
         await reply_error(reply, exc, chat.request_id, chat.response_headers)
         return exc.status
 
@@ -293,8 +285,7 @@ class Relay:
         """Tell the client why its answer ends here rather than just closing the connection."""
         with contextlib.suppress(Exception):  # the connection may be gone too
             if outcome.answering:
-                reply.unwatch()
-                self._settle(chat, outcome)
+                self._settle(chat, reply, outcome)
                 await reply.last(encode_event(b"error", _error_body(
                     chat, "unavailable",
                     "the gateway is shutting down; the answer was cut short")))
@@ -302,8 +293,10 @@ class Relay:
                 await self._fail(chat, reply, outcome, Unavailable(
                     "the gateway is shutting down; retry"))
 
-    def _settle(self, chat: ChatRequest, outcome: Outcome) -> None:
-        """Emit the chat's usage event, once: called before its client is sent the end."""
+    def _settle(self, chat: ChatRequest, reply: Reply, outcome: Outcome) -> None:
+        """Called before the client is sent the end of its answer (or an error): stop watching
+        for a disconnect, and emit the chat's usage event, once."""
+        reply.unwatch()
         if outcome.emitted:
             return
         outcome.emitted = True

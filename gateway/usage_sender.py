@@ -82,7 +82,7 @@ class UsageSender:
         thread: ThreadPoolExecutor, *, round_max_events: int, max_memory_events: int,
         backoff_min: float, backoff_max: float, adopt_interval: float, round_interval: float,
     ) -> None:
-        self._writer, self._counters, self._thread = writer, counters, thread
+        self._counters, self._thread = counters, thread
         self._round_interval = round_interval
         self._kafka = KafkaLink(kafka)
         self._dir, self._owner = writer.directory, writer.owner

@@ -28,6 +28,12 @@ def test_the_loop_probe_is_on_when_it_names_a_file() -> None:
     assert config.loop_probe == Path("/tmp/probe")
 
 
+def test_a_loop_probe_in_a_missing_folder_is_refused_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "probe"
+    with pytest.raises(ConfigError, match="GATEWAY_LOOP_PROBE: the folder .*nowhere"):
+        GatewayConfig.from_env({**REQUIRED, "GATEWAY_LOOP_PROBE": str(missing)})
+
+
 def test_the_stock_asgi_protocol_can_be_chosen() -> None:
     assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_HTTP": "asgi"}).http == "asgi"
 
