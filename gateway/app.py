@@ -115,6 +115,7 @@ def build_app(config: GatewayConfig) -> Front:
                 gatekeeper, limiter, relay, metrics,
                 max_body_bytes=config.max_body_bytes,
                 max_message_chars=config.max_message_chars,
+                run_ahead=config.run_ahead,
             )
             agent_config.handler = AgentConfigEndpoint(gatekeeper)
             preflight.handler = Preflight(registry, audit, metrics)

@@ -1,13 +1,18 @@
-"""`POST /v1/agents/{agent_id}/chat`: admit, validate, limit, then relay the runtime's answer."""
+"""`POST /v1/agents/{agent_id}/chat`: admit, validate, limit (or start the run while the limit is
+decided: gateway.admission), then relay the runtime's answer."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import uuid
 from dataclasses import dataclass
 
 import orjson
 
 from gateway.access import Access, Gatekeeper, RequestHeaders, cors_headers
+from gateway.admission import Forecast, Judgement, Verdict
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -16,10 +21,12 @@ from gateway.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from gateway.keys import KeyClaims
 from gateway.metrics import GatewayMetrics
 from gateway.relay import ChatRequest, Relay
 from gateway.reply import AsgiReply, Reply, reply_error
 from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers
+from ratelimit.buckets import Decision
 from ratelimit.errors import RateLimitError
 from ratelimit.limiter import BucketLimiter
 
@@ -42,6 +49,7 @@ class ChatEndpoint:
         *,
         max_body_bytes: int,
         max_message_chars: int,
+        run_ahead: bool = True,
     ) -> None:
         self._gatekeeper = gatekeeper
         self._limiter = limiter
@@ -49,6 +57,9 @@ class ChatEndpoint:
         self._metrics = metrics
         self._max_body = max_body_bytes
         self._max_chars = max_message_chars
+        # Runs start before the limiter's decision when the key's last one left tokens
+        # (gateway.admission); None: every chat waits for its decision first.
+        self._forecast = Forecast() if run_ahead else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one chat under an ASGI server; return the HTTP status sent."""
@@ -65,31 +76,29 @@ class ChatEndpoint:
         headers = RequestHeaders.scan(raw_headers)
         extra: Headers = [(b"x-request-id", request_id.encode())]
         access: Access | None = None
+        verdict: Verdict | None = None
         try:
             access = await self._gatekeeper.admit(headers, agent_id, request_id)
             extra += cors_headers(access.origin)
             body = await self._read_body(headers, reply)
             chat = self._parse(body)
+            key, agent = access.key, access.agent
             try:
-                decision = await self._limiter.check(
-                    access.key.tenant_id,
-                    access.key.key_id,
-                    access.agent.tenant_limit,
-                    access.agent.key_limit,
-                )
+                pending = self._limiter.submit(
+                    key.tenant_id, key.key_id, agent.tenant_limit, agent.key_limit)
             except RateLimitError as exc:
                 self._metrics.child(self._metrics.limiter, "error").inc()
                 raise Unavailable("the rate limiter is unavailable") from exc
-            self._metrics.child(self._metrics.limiter, decision.refused_by or "allowed").inc()
-            extra += rate_limit_headers(
-                decision.limit, decision.remaining, decision.reset_seconds
-            )
-            if not decision.allowed:
-                raise RateLimited(
-                    f"too many requests for this {decision.refused_by}; retry in "
-                    f"{decision.retry_after_seconds} s",
-                    headers=[(b"retry-after", str(decision.retry_after_seconds).encode())],
-                )
+            forecast = self._forecast
+            if forecast is not None and forecast.reserve(key.tenant_id, key.key_id):
+                verdict = Verdict(pending, functools.partial(self._judge, key, True))
+            else:
+                with contextlib.suppress(RateLimitError):  # judged below
+                    await pending
+                limits, refusal = self._judge(key, False, pending)
+                extra += limits
+                if refusal is not None:
+                    raise refusal
         except GatewayError as exc:
             if access is None:
                 extra += await self._gatekeeper.refusal_cors(agent_id, headers.origin)
@@ -104,8 +113,40 @@ class ChatEndpoint:
                 session_id=chat.session_id,
                 streamed=streamed,
                 response_headers=extra,
+                verdict=verdict,
             ),
             reply,
+        )
+
+    def _judge(
+        self, key: KeyClaims, reserved: bool, pending: asyncio.Future[Decision]
+    ) -> Judgement:
+        """What the limiter's answer means for the chat: its RateLimit headers, and the error
+        to answer instead if it was not admitted. Called once per chat, as soon as the answer
+        has come; `reserved` if the chat started ahead on the forecast."""
+        forecast, metrics = self._forecast, self._metrics
+        try:
+            decision = pending.result()
+        except RateLimitError:
+            if forecast is not None:
+                forecast.learn(key.tenant_id, key.key_id, 0, reserved=reserved)
+            metrics.child(metrics.limiter, "error").inc()
+            if reserved:
+                metrics.child(metrics.ahead, "refused").inc()
+            return [], Unavailable("the rate limiter is unavailable")
+        if forecast is not None:
+            forecast.learn(key.tenant_id, key.key_id,
+                           decision.remaining if decision.allowed else 0, reserved=reserved)
+        metrics.child(metrics.limiter, decision.refused_by or "allowed").inc()
+        if reserved:
+            metrics.child(metrics.ahead, "admitted" if decision.allowed else "refused").inc()
+        limits = rate_limit_headers(decision.limit, decision.remaining, decision.reset_seconds)
+        if decision.allowed:
+            return limits, None
+        return limits, RateLimited(
+            f"too many requests for this {decision.refused_by}; retry in "
+            f"{decision.retry_after_seconds} s",
+            headers=[(b"retry-after", str(decision.retry_after_seconds).encode())],
         )
 
     async def _read_body(self, headers: RequestHeaders, reply: Reply) -> bytes:

@@ -80,6 +80,7 @@ class GatewayConfig:
     widget_bundle: Path = DEFAULT_WIDGET_BUNDLE
     http: str = "gateway"  # gateway: chats skip ASGI (gateway.http); asgi: uvicorn's own protocol
     runtime_transport: str = "link"  # link: runs multiplexed (gateway.link); http: one per socket
+    run_ahead: bool = True  # runs may start before the limiter's decision (gateway.admission)
     loop_probe: Path | None = None  # a diagnostic (gateway.loop_probe): each worker's report
 
     @classmethod
@@ -113,4 +114,5 @@ class GatewayConfig:
             widget_bundle=Path(env.get("GATEWAY_WIDGET_BUNDLE") or DEFAULT_WIDGET_BUNDLE),
             http=_choice(env, "GATEWAY_HTTP", ("gateway", "asgi")),
             runtime_transport=_choice(env, "GATEWAY_RUNTIME_TRANSPORT", ("link", "http")),
+            run_ahead=_choice(env, "GATEWAY_RUN_AHEAD", ("on", "off")) == "on",
         )

@@ -46,6 +46,12 @@ class GatewayMetrics:
             "gateway_limiter_decisions", "Rate limiter decisions (allowed, tenant, key, error).",
             ["decision"], registry=r,
         )
+        self.ahead = Counter(
+            "gateway_chats_started_ahead",
+            "Chats whose run started before the rate limiter's decision came, by that decision "
+            "(admitted, refused: the run was cancelled).",
+            ["decision"], registry=r,
+        )
         self.security = Counter(
             "gateway_security_events", "Refused attempts written to the audit log, by kind.",
             ["kind"], registry=r,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.access import Access
+from gateway.admission import Refused, Verdict
 from gateway.errors import GatewayError, RuntimeFailure, RuntimeTimeout, Unavailable
 from gateway.metrics import GatewayMetrics
 from gateway.reply import ClientGone, Reply, reply_error
@@ -51,6 +53,8 @@ class ChatRequest:
     session_id: str
     streamed: bool
     response_headers: Headers
+    # The limiter's pending decision when the run starts before it (gateway.admission).
+    verdict: Verdict | None = None
 
 
 @dataclass(slots=True)
@@ -62,6 +66,7 @@ class Outcome:
     output_tokens: int = 0
     ttft_ms: float | None = None
     answering: bool = False  # a streamed answer's head went out
+    refused: bool = False  # the limiter refused a chat that had started ahead: not billed
     emitted: bool = False  # the usage event was emitted
     started: float = 0.0  # perf_counter() when the relay took the chat
 
@@ -92,12 +97,21 @@ class Relay:
         self.open_streams += 1
         try:
             return await self._relay(chat, reply, outcome)
+        except Refused as refused:
+            return await self._refuse(chat, reply, outcome, refused)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            verdict = chat.verdict
+            if verdict is not None and verdict.cut_off and not reply.gone:
+                task.uncancel()  # refused while the run was starting: the run is cancelled
+                try:
+                    await verdict.admit()
+                except Refused as refused:
+                    return await self._refuse(chat, reply, outcome, refused)
             if not reply.gone:  # the worker is stopping, past its drain bound
                 await self._cut_short(chat, reply, outcome)
                 raise
-            task = asyncio.current_task()
-            assert task is not None
             task.uncancel()
             outcome.status = "cancelled"
             return CLIENT_CLOSED
@@ -106,6 +120,8 @@ class Relay:
             return CLIENT_CLOSED
         finally:
             self.open_streams -= 1
+            if chat.verdict is not None:
+                chat.verdict.close()
             self._settle(chat, reply, outcome)  # if no answer went out (cancelled, say)
 
     async def _relay(self, chat: ChatRequest, reply: Reply, outcome: Outcome) -> int:
@@ -132,20 +148,11 @@ class Relay:
             response = await self._upstream.request(
                 "POST", (agent.runtime_host, agent.runtime_port, agent.stream_path), headers, body
             )
-        except UpstreamNoDescriptors as exc:
-            self._out_of_descriptors(exc)
-            return await self._fail(chat, reply, outcome, Unavailable(
-                "the gateway has no free connections; retry shortly"))
-        except UpstreamConnectError:
-            return await self._fail(chat, reply, outcome,
-                                    Unavailable("the agent runtime is unreachable"))
-        except UpstreamTimeout:
-            return await self._fail(chat, reply, outcome,
-                                    RuntimeTimeout("the agent runtime did not answer"))
-        except UpstreamError:
-            return await self._fail(chat, reply, outcome,
-                                    RuntimeFailure("the agent runtime failed"))
+        except UpstreamError as exc:
+            await self._admitted(chat)  # a refusal is the answer, whatever the runtime did
+            return await self._fail(chat, reply, outcome, self._unanswered(exc))
         try:
+            await self._admitted(chat)  # nothing reaches the client before the chat is admitted
             if response.status != 200:
                 return await self._fail(chat, reply, outcome, RuntimeFailure(
                     f"the agent runtime answered {response.status}"))
@@ -228,6 +235,35 @@ class Relay:
         return await self._fail(chat, reply, outcome, failure or RuntimeFailure(
             "the agent runtime ended without an answer"))
 
+    async def _admitted(self, chat: ChatRequest) -> None:
+        """Wait for the limiter's decision on a chat that started ahead of it, and add its
+        RateLimit headers to the response; Refused if it was not admitted."""
+        verdict = chat.verdict
+        if verdict is not None:
+            chat.response_headers += await verdict.admit()
+
+    async def _refuse(
+        self, chat: ChatRequest, reply: Reply, outcome: Outcome, refused: Refused
+    ) -> int:
+        """Answer the limiter's refusal of a chat whose run had started (and is cancelled by
+        now): the client gets what it would have got before the run, and no usage event."""
+        outcome.refused = True
+        self._settle(chat, reply, outcome)
+        await reply_error(reply, refused.error, chat.request_id,
+                          [*chat.response_headers, *refused.headers])
+        return refused.error.status
+
+    def _unanswered(self, exc: UpstreamError) -> GatewayError:
+        """What a client is told of a run the runtime did not answer."""
+        if isinstance(exc, UpstreamNoDescriptors):
+            self._out_of_descriptors(exc)
+            return Unavailable("the gateway has no free connections; retry shortly")
+        if isinstance(exc, UpstreamConnectError):
+            return Unavailable("the agent runtime is unreachable")
+        if isinstance(exc, UpstreamTimeout):
+            return RuntimeTimeout("the agent runtime did not answer")
+        return RuntimeFailure("the agent runtime failed")
+
     def _out_of_descriptors(self, exc: UpstreamNoDescriptors) -> None:
         """Tell the operator, at most every `_DESCRIPTOR_WARNING_S`: each open chat holds a
         descriptor (two over HTTP/1.1 to the runtime), so the open-files limit caps its streams."""
@@ -300,8 +336,10 @@ class Relay:
         if outcome.emitted:
             return
         outcome.emitted = True
+        if outcome.refused:
+            return
         key = chat.access.key
-        self._usage.emit(UsageRecord(
+        record = UsageRecord(
             request_id=chat.request_id,
             tenant_id=key.tenant_id,
             agent_id=key.agent_id,
@@ -312,8 +350,15 @@ class Relay:
             output_tokens=outcome.output_tokens,
             duration_ms=(time.perf_counter() - outcome.started) * 1000,
             ttft_ms=outcome.ttft_ms,
-        ))
-        self._metrics.child(self._metrics.usage_events, outcome.status).inc()
+        )
+        if chat.verdict is None:
+            self._emit(record)
+        else:  # at once if admitted; if it is still undecided (the client left), once it is
+            chat.verdict.when_admitted(functools.partial(self._emit, record))
+
+    def _emit(self, record: UsageRecord) -> None:
+        self._usage.emit(record)
+        self._metrics.child(self._metrics.usage_events, record.status).inc()
 
 
 def _events(splitter: SseSplitter, chunk: bytes) -> list[SseEvent]:

@@ -145,6 +145,19 @@ class BucketLimiter:
         cost: float = 1,
     ) -> Decision:
         """Consume `cost` tokens from both buckets if both hold them, otherwise from neither."""
+        return await self.submit(tenant_id, key_id, tenant_limit, key_limit, cost)
+
+    def submit(
+        self,
+        tenant_id: str,
+        key_id: str,
+        tenant_limit: BucketLimit,
+        key_limit: BucketLimit,
+        cost: float = 1,
+    ) -> asyncio.Future[Decision]:
+        """As `check`, but return at once with the decision's future, so that the caller can
+        do other work while Redis answers. The future always completes: with the decision, or
+        with a RateLimitError within the limiter's timeout."""
         if self._closed:
             raise LimiterUnavailable("the limiter is closed")
         if not 0 < cost <= min(tenant_limit.burst, key_limit.burst):
@@ -165,7 +178,7 @@ class BucketLimiter:
             # iteration share one round trip.
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        return future
 
     async def aclose(self) -> None:
         """Answer every accepted check, then close the client if the limiter created it."""

@@ -43,7 +43,13 @@ def test_runs_can_go_over_http_instead_of_the_link() -> None:
     assert config.runtime_transport == "http"
 
 
+def test_runs_start_ahead_of_the_limiter_unless_turned_off() -> None:
+    assert GatewayConfig.from_env(REQUIRED).run_ahead
+    assert not GatewayConfig.from_env({**REQUIRED, "GATEWAY_RUN_AHEAD": "off"}).run_ahead
+
+
 @pytest.mark.parametrize(("name", "value", "expected"), [
+    ("GATEWAY_RUN_AHEAD", "yes", "GATEWAY_RUN_AHEAD must be one of on, off, got 'yes'"),
     ("GATEWAY_HTTP", "h2", "GATEWAY_HTTP must be one of gateway, asgi, got 'h2'"),
     ("GATEWAY_RUNTIME_TRANSPORT", "grpc",
      "GATEWAY_RUNTIME_TRANSPORT must be one of link, http, got 'grpc'"),
