@@ -9,7 +9,10 @@ the 429 or 503 it would have got anyway, and no usage event is emitted.
 
 What a refused run can cost the runtime is bounded: `Forecast` lets a worker start ahead only
 as many chats of a key as its last decision left tokens for, and a key it has seen refused, or
-has no decision for yet, waits for the limiter as before. `GATEWAY_RUN_AHEAD=off` turns it off.
+has no decision for yet, waits for the limiter as before. A busy worker (more than a few checks
+waiting on Redis: `gateway.chat.RUN_AHEAD_MAX_UNDECIDED`) waits too, since its round trips are
+shared by batches and its runs, started as their decisions come in, reach the runtime together.
+`GATEWAY_RUN_AHEAD=off` turns it off.
 """
 
 from __future__ import annotations

@@ -90,6 +90,7 @@ class BucketLimiter:
         self._closed = False
         self._checks = 0
         self._round_trips = 0
+        self._undecided = 0
 
     @classmethod
     def from_url(
@@ -121,6 +122,11 @@ class BucketLimiter:
     def checks(self) -> int:
         """Checks accepted so far."""
         return self._checks
+
+    @property
+    def undecided(self) -> int:
+        """Checks accepted whose decision has not come yet."""
+        return self._undecided
 
     @property
     def round_trips(self) -> int:
@@ -171,6 +177,7 @@ class BucketLimiter:
         future: asyncio.Future[Decision] = loop.create_future()
         self._pending.append(_PendingCheck(command, tenant_limit, key_limit, cost, future))
         self._checks += 1
+        self._undecided += 1
         if len(self._pending) >= self._max_batch:
             self._flush()
         elif not self._flush_scheduled:
@@ -212,6 +219,12 @@ class BucketLimiter:
             asyncio.get_running_loop().call_soon(self._flush)
 
     async def _run(self, batch: list[_PendingCheck]) -> None:
+        try:
+            await self._decide(batch)
+        finally:
+            self._undecided -= len(batch)
+
+    async def _decide(self, batch: list[_PendingCheck]) -> None:
         # A caller that gave up before its check was sent should not spend tokens.
         batch = [check for check in batch if not check.future.done()]
         if not batch:

@@ -2,7 +2,8 @@
 and a runtime the test scripts: the run overlaps the limiter's round trip; a chat the limiter
 refuses after all (its key's tokens spent elsewhere meanwhile) or cannot decide gets the 429 or
 503 it would have got anyway, its run is cancelled and it has no usage event; a key seen refused
-waits for the limiter before its next run; with GATEWAY_RUN_AHEAD=off no run starts early."""
+waits for the limiter before its next run, and so does a chat that comes while the worker has
+many checks waiting on Redis; with GATEWAY_RUN_AHEAD=off no run starts early."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 
 from cmp.registry import Limits
 from devstack.stack import Stack
+from gateway.chat import RUN_AHEAD_MAX_UNDECIDED
 from ratelimit.buckets import BucketLimit
 from ratelimit.limiter import BucketLimiter
 from tests.e2e.conftest import (
@@ -220,3 +222,33 @@ async def test_with_run_ahead_off_no_run_starts_before_its_decision(
                 await wait_for(lambda: len(runtime.runs) == 2, "the second run")
                 assert time.monotonic() - paused >= 0.45
                 assert (await chat).status_code == 200
+
+
+async def test_a_busy_worker_starts_only_a_few_runs_ahead(
+    one_worker: str, client: httpx.AsyncClient, make_tenant: MakeTenant,
+    stack_redis: aioredis.Redis,
+) -> None:
+    """While more checks than RUN_AHEAD_MAX_UNDECIDED wait on Redis, the next chats wait for
+    their decisions too."""
+    limits = Limits(tenant=BucketLimit(100, 1000), key=BucketLimit(0.001, 50))
+    async with scripted_runtime(TOKEN + END) as runtime:
+        tenant = await make_tenant(limits, runtime_url=runtime.url(""))
+        assert (await client.post(tenant.chat_path, json={"message": "hi"},
+                                  headers=auth(tenant.secret_key))).status_code == 200
+        await stack_redis.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+        # Separate connections, so that the chats are in flight together.
+        clients = [httpx.AsyncClient(base_url=one_worker, timeout=30) for _ in range(8)]
+        try:
+            chats = [asyncio.create_task(c.post(tenant.chat_path, json={"message": "hi"},
+                                                headers=auth(tenant.secret_key)))
+                     for c in clients]
+            await wait_for(lambda: len(runtime.runs) == 1 + RUN_AHEAD_MAX_UNDECIDED,
+                           "the runs started ahead")
+            await asyncio.sleep(0.3)  # and no more, while Redis holds the others' decisions
+            assert len(runtime.runs) == 1 + RUN_AHEAD_MAX_UNDECIDED
+            statuses = [response.status_code for response in await asyncio.gather(*chats)]
+        finally:
+            for c in clients:
+                await c.aclose()
+        assert statuses == [200] * 8
+        assert len(runtime.runs) == 9

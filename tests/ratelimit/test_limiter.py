@@ -164,6 +164,20 @@ async def test_concurrent_checks_share_round_trips(limiter: BucketLimiter) -> No
     assert limiter.round_trips - before == 3  # nothing to share with: one each
 
 
+async def test_submit_answers_with_a_future_and_counts_what_is_undecided(
+    limiter: BucketLimiter, redis: aioredis.Redis
+) -> None:
+    limit = BucketLimit(rate=STILL, burst=2)
+    await redis.set(tenant_bucket_key("broken"), "not a hash")
+    futures = [limiter.submit("acme", "key0", limit, limit) for _ in range(3)]
+    futures.append(limiter.submit("broken", "key0", WIDE, WIDE))
+    assert limiter.undecided == 4
+    await asyncio.wait(futures)
+    assert limiter.undecided == 0  # answered or failed, each is decided
+    assert [f.result().allowed for f in futures[:3]] == [True, True, False]
+    assert isinstance(futures[3].exception(), LimiterScriptError)
+
+
 async def test_flushed_scripts_are_loaded_again(
     limiter: BucketLimiter, redis: aioredis.Redis
 ) -> None:
