@@ -85,10 +85,6 @@ class Verdict:
         self.cut_off = False
         pending.add_done_callback(self._decided)
 
-    @property
-    def decided(self) -> bool:
-        return self._judged is not None
-
     async def admit(self) -> Headers:
         """The RateLimit headers once the chat is admitted; `Refused` if it is not."""
         self._passed = True
@@ -115,8 +111,10 @@ class Verdict:
             then()
 
     def _decided(self, future: asyncio.Future[Decision]) -> None:
-        self._judged = ([], Unavailable("the rate limiter is unavailable")) \
-            if future.cancelled() else self._judge(future)  # cancelled: the limiter closed
+        if future.cancelled():  # the limiter was closed under it
+            self._judged = ([], Unavailable("the rate limiter is unavailable"))
+        else:
+            self._judged = self._judge(future)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

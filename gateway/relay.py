@@ -103,12 +103,14 @@ class Relay:
             task = asyncio.current_task()
             assert task is not None
             verdict = chat.verdict
-            if verdict is not None and verdict.cut_off and not reply.gone:
-                task.uncancel()  # refused while the run was starting: the run is cancelled
-                try:
-                    await verdict.admit()
-                except Refused as refused:
-                    return await self._refuse(chat, reply, outcome, refused)
+            if verdict is not None:
+                verdict.close()  # a refusal from now on must not cancel what follows
+                if verdict.cut_off and not reply.gone:
+                    task.uncancel()  # refused while the run was starting: the run is cancelled
+                    try:
+                        await verdict.admit()
+                    except Refused as refused:
+                        return await self._refuse(chat, reply, outcome, refused)
             if not reply.gone:  # the worker is stopping, past its drain bound
                 await self._cut_short(chat, reply, outcome)
                 raise

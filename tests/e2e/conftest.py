@@ -180,6 +180,14 @@ async def scripted_runtime(
         await server.stop()
 
 
+async def llm_stats(stack: Stack) -> dict[str, int]:
+    """What the stack's mock LLM has seen: chat requests, streams open, completed, cancelled."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        stats: dict[str, int] = (await client.get(
+            stack.llm_url.removesuffix("/v1") + "/_stats")).json()
+    return stats
+
+
 def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 

@@ -29,6 +29,7 @@ from tests.e2e.conftest import (
     UsageReader,
     auth,
     extra_gateway,
+    llm_stats,
     scripted_runtime,
 )
 from tests.gateway.raw_server import WAIT
@@ -133,12 +134,15 @@ async def test_the_run_starts_while_the_limiter_decides(
 
 async def test_a_refusal_after_the_start_cancels_the_run_and_bills_nothing(
     client: httpx.AsyncClient, make_tenant: MakeTenant, limiter: BucketLimiter,
-    usage: UsageReader,
+    stack_redis: aioredis.Redis, usage: UsageReader,
 ) -> None:
     before = started_ahead((await client.get("/metrics")).text, "refused")
     async with seen_once(client, make_tenant) as (runtime, tenant, first):
         # Another worker spends the two tokens this one believes are left.
         await spend(limiter, tenant, BURST - 1)
+        # Redis holds the decision until the run has surely reached the runtime (a refusal that
+        # comes sooner stops it on its way, which leaves nothing to see there).
+        await stack_redis.execute_command("CLIENT", "PAUSE", "300", "WRITE")
         refused = await client.post(tenant.chat_path, json={"message": "hi"},
                                     headers=auth(tenant.secret_key))
         assert len(runtime.runs) == 2  # it started ahead,
@@ -164,6 +168,35 @@ async def test_a_refusal_after_the_start_cancels_the_run_and_bills_nothing(
         refused.headers["x-request-id"]: [],
         again.headers["x-request-id"]: [],
     }
+
+
+async def test_over_the_runtime_link_a_refused_run_is_cancelled_at_the_llm(
+    client: httpx.AsyncClient, stack: Stack, make_tenant: MakeTenant, limiter: BucketLimiter,
+    stack_redis: aioredis.Redis,
+) -> None:
+    tenant = await make_tenant(LIMITS)  # on the stack's runtime, over the link
+    first = await client.post(tenant.chat_path, json={"message": "hi"},
+                              headers=auth(tenant.secret_key))
+    assert first.headers["ratelimit-remaining"] == str(BURST - 1)
+    await spend(limiter, tenant, BURST - 1)
+    before = await llm_stats(stack)
+    # Redis holds the decision long enough for the run to reach the LLM, which answers slowly.
+    await stack_redis.execute_command("CLIENT", "PAUSE", "500", "WRITE")
+    chat = asyncio.create_task(client.post(
+        tenant.chat_path, json={"message": "Go slowly #slow"},
+        headers={**auth(tenant.secret_key), **SSE}))
+    deadline = time.monotonic() + WAIT
+    while (await llm_stats(stack))["streams_open"] == before["streams_open"]:
+        assert time.monotonic() < deadline, "the run never reached the LLM"
+        await asyncio.sleep(0.02)
+    response = await chat
+    assert response.status_code == 429, response.text
+    while (await llm_stats(stack))["streams_cancelled"] == before["streams_cancelled"]:
+        assert time.monotonic() < deadline + WAIT, "the refused run still streams at the LLM"
+        await asyncio.sleep(0.05)
+    after = await llm_stats(stack)
+    assert after["streams_open"] == before["streams_open"]
+    assert after["streams_completed"] == before["streams_completed"]
 
 
 async def test_a_limiter_that_cannot_decide_a_started_run_gets_503_and_cancels_it(

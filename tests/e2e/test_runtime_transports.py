@@ -18,6 +18,7 @@ from tests.e2e.conftest import (
     auth,
     extra_gateway,
     leave_after_first_token,
+    llm_stats,
     sse_events,
 )
 
@@ -35,13 +36,6 @@ def gateway_url(request: pytest.FixtureRequest, stack: Stack) -> str:
         return stack.gateway_url
     url: str = request.getfixturevalue("http_gateway")
     return url
-
-
-async def llm_stats(stack: Stack) -> dict[str, int]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        stats: dict[str, int] = (await client.get(
-            stack.llm_url.removesuffix("/v1") + "/_stats")).json()
-    return stats
 
 
 async def test_concurrent_chats_each_get_their_own_answer(
