@@ -42,10 +42,12 @@ LIMITS = Limits(tenant=BucketLimit(100, 1000), key=BucketLimit(0.001, BURST))
 LIMITER_TIMEOUT_S = 1.0  # the gateway's GATEWAY_REDIS_TIMEOUT default
 
 
-@pytest.fixture(scope="module")
-def one_worker(stack: Stack) -> Iterator[str]:
-    """A gateway of one worker, so that every chat of a test meets the same forecast."""
-    with extra_gateway(stack, "gateway-run-ahead", {}) as url:
+@pytest.fixture(scope="module", params=["gateway", "asgi"])
+def one_worker(request: pytest.FixtureRequest, stack: Stack) -> Iterator[str]:
+    """A gateway of one worker, so that every chat of a test meets the same forecast; with the
+    gateway's own HTTP protocol for chats, then with uvicorn's and ASGI."""
+    env = {"GATEWAY_HTTP": request.param}
+    with extra_gateway(stack, f"gateway-run-ahead-{request.param}", env) as url:
         yield url
 
 
