@@ -111,19 +111,20 @@ def build_app(config: GatewayConfig) -> Front:
             stack.push_async_callback(usage.close, config.drain_timeout_s)
             gatekeeper = Gatekeeper(verifier, revoked, registry, audit, metrics)
             relay = Relay(upstream, usage, metrics, runtime_token=config.runtime_token)
-            chat.handler = ChatEndpoint(
+            chats = ChatEndpoint(
                 gatekeeper, limiter, relay, metrics,
                 max_body_bytes=config.max_body_bytes,
                 max_message_chars=config.max_message_chars,
                 run_ahead=config.run_ahead,
             )
+            chat.handler = chats
             agent_config.handler = AgentConfigEndpoint(gatekeeper)
             preflight.handler = Preflight(registry, audit, metrics)
             state["readiness"] = Readiness(jwks, listener)
             tasks = [
                 asyncio.create_task(listener.run()),
                 asyncio.create_task(_keep_jwks_fresh(jwks, verifier)),
-                asyncio.create_task(_report_counts(usage, limiter, relay, metrics)),
+                asyncio.create_task(_report_counts(usage, limiter, relay, chats, metrics)),
             ]
             with contextlib.suppress(TimeoutError):
                 # Start serving even if a dependency is late: readiness says when all is there.
@@ -244,10 +245,11 @@ _DELIVERY_STEPS = ("accepted", "sent", "spooled", "replayed", "failed", "dropped
 
 
 async def _report_counts(
-    usage: UsageEmitter, limiter: BucketLimiter, relay: Relay, metrics: GatewayMetrics
+    usage: UsageEmitter, limiter: BucketLimiter, relay: Relay, chats: ChatEndpoint,
+    metrics: GatewayMetrics,
 ) -> None:
-    """Copy the emitter's and limiter's plain counters into Prometheus once a second, so the
-    hot path only bumps integers."""
+    """Copy the emitter's, limiter's and chat endpoint's plain counters into Prometheus once a
+    second, so the hot path only bumps integers."""
     reported: dict[str, int] = {}
 
     def advance(name: str, now: int, counter: Counter) -> None:
@@ -261,6 +263,8 @@ async def _report_counts(
         metrics.open_streams.set(relay.open_streams)
         advance("round_trips", limiter.round_trips, metrics.redis_round_trips)
         advance("checks", limiter.checks, metrics.limiter_checks)
+        for decision, count in chats.started_ahead.items():
+            advance(f"ahead {decision}", count, metrics.ahead.labels(decision))
         for step in _DELIVERY_STEPS:
             advance(step, getattr(usage.counters, step), metrics.usage_delivery.labels(step))
         await asyncio.sleep(1.0)

@@ -65,6 +65,8 @@ class ChatEndpoint:
         # Runs start before the limiter's decision when the key's last one left tokens
         # (gateway.admission); None: every chat waits for its decision first.
         self._forecast = Forecast() if run_ahead else None
+        # Chats started ahead, by their decision; copied into the metrics once a second.
+        self.started_ahead = {"admitted": 0, "refused": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one chat under an ASGI server; return the HTTP status sent."""
@@ -141,14 +143,14 @@ class ChatEndpoint:
                 forecast.learn(key.tenant_id, key.key_id, 0, reserved=reserved)
             metrics.child(metrics.limiter, "error").inc()
             if reserved:
-                metrics.child(metrics.ahead, "refused").inc()
+                self.started_ahead["refused"] += 1
             return [], Unavailable("the rate limiter is unavailable")
         if forecast is not None:
             forecast.learn(key.tenant_id, key.key_id,
                            decision.remaining if decision.allowed else 0, reserved=reserved)
         metrics.child(metrics.limiter, decision.refused_by or "allowed").inc()
         if reserved:
-            metrics.child(metrics.ahead, "admitted" if decision.allowed else "refused").inc()
+            self.started_ahead["admitted" if decision.allowed else "refused"] += 1
         limits = rate_limit_headers(decision.limit, decision.remaining, decision.reset_seconds)
         if decision.allowed:
             return limits, None
