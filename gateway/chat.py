@@ -90,12 +90,8 @@ class ChatEndpoint:
             body = await self._read_body(headers, reply)
             chat = self._parse(body)
             key, agent = access.key, access.agent
-            try:
-                pending = self._limiter.submit(
-                    key.tenant_id, key.key_id, agent.tenant_limit, agent.key_limit)
-            except RateLimitError as exc:
-                self._metrics.child(self._metrics.limiter, "error").inc()
-                raise Unavailable("the rate limiter is unavailable") from exc
+            pending = self._limiter.submit(
+                key.tenant_id, key.key_id, agent.tenant_limit, agent.key_limit)
             forecast = self._forecast
             if (
                 forecast is not None
@@ -135,24 +131,24 @@ class ChatEndpoint:
         """What the limiter's answer means for the chat: its RateLimit headers, and the error
         to answer instead if it was not admitted. Called once per chat, as soon as the answer
         has come; `reserved` if the chat started ahead on the forecast."""
-        forecast, metrics = self._forecast, self._metrics
         try:
-            decision = pending.result()
+            decision: Decision | None = pending.result()
         except RateLimitError:
-            if forecast is not None:
-                forecast.learn(key.tenant_id, key.key_id, 0, reserved=reserved)
-            metrics.child(metrics.limiter, "error").inc()
-            if reserved:
-                self.started_ahead["refused"] += 1
-            return [], Unavailable("the rate limiter is unavailable")
-        if forecast is not None:
-            forecast.learn(key.tenant_id, key.key_id,
-                           decision.remaining if decision.allowed else 0, reserved=reserved)
-        metrics.child(metrics.limiter, decision.refused_by or "allowed").inc()
+            decision = None
+        admitted = decision is not None and decision.allowed
+        if self._forecast is not None:
+            self._forecast.learn(key.tenant_id, key.key_id,
+                                 decision.remaining if decision is not None and admitted else 0,
+                                 reserved=reserved)
+        metrics = self._metrics
+        metrics.child(metrics.limiter, "error" if decision is None
+                      else decision.refused_by or "allowed").inc()
         if reserved:
-            self.started_ahead["admitted" if decision.allowed else "refused"] += 1
+            self.started_ahead["admitted" if admitted else "refused"] += 1
+        if decision is None:
+            return [], Unavailable("the rate limiter is unavailable")
         limits = rate_limit_headers(decision.limit, decision.remaining, decision.reset_seconds)
-        if decision.allowed:
+        if admitted:
             return limits, None
         return limits, RateLimited(
             f"too many requests for this {decision.refused_by}; retry in "

@@ -163,18 +163,20 @@ class BucketLimiter:
     ) -> asyncio.Future[Decision]:
         """As `check`, but return at once with the decision's future, so that the caller can
         do other work while Redis answers. The future always completes: with the decision, or
-        with a RateLimitError within the limiter's timeout."""
-        if self._closed:
-            raise LimiterUnavailable("the limiter is closed")
+        with a RateLimitError (a closed limiter, Redis failing or past the limiter's timeout).
+        Only a cost that does not fit the buckets raises here: ValueError."""
         if not 0 < cost <= min(tenant_limit.burst, key_limit.burst):
             raise ValueError(f"cost must be positive and fit in both buckets: {cost}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        if self._closed:
+            future.set_exception(LimiterUnavailable("the limiter is closed"))
+            return future
         command = encode_call(
             tenant_bucket_key(tenant_id),
             key_bucket_key(tenant_id, key_id),
             self._encode_limits(tenant_limit, key_limit, cost),
         )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision] = loop.create_future()
         self._pending.append(_PendingCheck(command, tenant_limit, key_limit, cost, future))
         self._checks += 1
         self._undecided += 1
