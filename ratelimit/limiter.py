@@ -1,26 +1,26 @@
 """BucketLimiter: checks the buckets of many concurrent requests in one Redis round trip.
 
 Checks made during one event-loop iteration (or until `max_batch` are waiting) are written to
-one connection as a single pipelined burst of EVALSHA calls. Each call is still its own atomic
-script run, so batching changes the cost per check, not the result: a bucket of N admits N.
+Redis as a single pipelined burst of EVALSHA calls, on one connection of the limiter's own
+(`RedisPipe`) where up to `max_in_flight` batches are outstanding at a time and answered in
+order. Each call is still its own atomic script run, so batching changes the cost per check,
+not the result: a bucket of N admits N.
 
 No retries on purpose: a script whose reply was lost may have consumed tokens, and sending it
 again would consume them twice. A failure answers every check of the batch with
 LimiterUnavailable (the gateway fails closed); tokens that a lost reply consumed stay consumed,
-which errs towards refusing, never towards admitting too many.
+which errs towards refusing, never towards admitting too many. The one exception is a batch on
+a connection that Redis closed before answering any of it (a Redis restarted since the
+connection was made): it goes once more, on a new connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
@@ -29,14 +29,12 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
 
 from ratelimit.buckets import BucketLimit, Decision, decide
 from ratelimit.errors import LimiterScriptError, LimiterUnavailable, RateLimitError
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
-from ratelimit.script import BUCKETS_LUA, LOAD_COMMAND, encode_call, encode_limits
+from ratelimit.pipe import PipeClosed, RedisAddress, RedisPipe, Replies
+from ratelimit.script import LOAD_COMMAND, encode_call, encode_limits
 
 DEFAULT_TIMEOUT = 0.5
 # Measured with loadtest/bench_ratelimit.py on 2 cores: bigger batches make the client and Redis
@@ -56,37 +54,46 @@ class _PendingCheck:
     key_limit: BucketLimit
     cost: float
     future: asyncio.Future[Decision]
+    sends: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    checks: list[_PendingCheck]
+    timer: asyncio.TimerHandle | None = None
+    settled: bool = False
+    reloaded: bool = False  # the script was loaded again for its NOSCRIPT calls
+    replies: Replies = field(default_factory=list)
 
 
 class BucketLimiter:
     """Per-tenant and per-key token buckets in Redis, checked together atomically.
 
-    Use one limiter per event loop. Build it with `from_url` (which sets the socket timeouts and
-    turns redis-py's retries off), or hand it a client configured the same way.
+    Use one limiter per event loop, built with `from_url`.
     """
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        address: RedisAddress,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        owns_client: bool = False,
     ) -> None:
         if timeout <= 0 or max_batch < 1 or max_in_flight < 1:
             raise ValueError("timeout, max_batch and max_in_flight must be positive")
-        self._redis = redis
+        self._address = address
         self._timeout = timeout
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._owns_client = owns_client
         # Limits repeat per agent, so their encoding is computed once per limiter.
         self._encode_limits = functools.lru_cache(maxsize=4096)(encode_limits)
         self._pending: list[_PendingCheck] = []
-        self._idle: list[Any] = []  # connections between batches; at most max_in_flight
         self._flush_scheduled = False
-        self._batches: set[asyncio.Task[None]] = set()
+        self._pipe: RedisPipe | None = None
+        self._connecting: asyncio.Task[RedisPipe] | None = None
+        self._in_flight = 0  # batches written and not yet answered
+        self._drained: asyncio.Future[None] | None = None  # what `aclose` waits on
         self._closed = False
         self._checks = 0
         self._round_trips = 0
@@ -101,21 +108,13 @@ class BucketLimiter:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> BucketLimiter:
-        redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            # The pool makes the batches' connections (at most one per batch in flight) and
-            # serves `load_script`.
-            max_connections=max_in_flight,
-        )
+        """A limiter on the Redis of a redis-py URL (`redis://[[user]:password@]host[:port][/db]`,
+        `rediss://` for TLS, `unix://path?db=N`); `timeout` bounds connecting and each batch."""
         return cls(
-            redis,
+            RedisAddress.from_url(url),
             timeout=timeout,
             max_batch=max_batch,
             max_in_flight=max_in_flight,
-            owns_client=True,
         )
 
     @property
@@ -135,10 +134,13 @@ class BucketLimiter:
 
     async def load_script(self) -> None:
         """Load the script now (at start-up, or as a readiness probe) instead of on first use."""
-        self._round_trips += 1
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.script_load(BUCKETS_LUA)
+                pipe = await self._ready()
+                self._round_trips += 1
+                (reply,) = await pipe.request([LOAD_COMMAND])
+            if isinstance(reply, Exception):
+                raise reply
         except Exception as exc:
             raise _translate(exc, self._timeout) from exc
 
@@ -190,153 +192,203 @@ class BucketLimiter:
         return future
 
     async def aclose(self) -> None:
-        """Answer every accepted check, then close the client if the limiter created it."""
+        """Answer every accepted check, then close the connection."""
         self._closed = True
-        while self._pending or self._batches:
+        while True:
             self._flush()
-            await asyncio.gather(*self._batches, return_exceptions=True)
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.disconnect(nowait=True)
-        if self._owns_client:
-            await self._redis.aclose()
+            if not (self._pending or self._in_flight or self._connecting is not None):
+                break
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained  # woken when a batch is answered or a connection attempt ends
+            finally:
+                self._drained = None
+        if self._pipe is not None:
+            self._pipe.close("the limiter is closed")
+
+    # --- batches ---------------------------------------------------------------------------
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        # With every connection busy, checks keep queueing: the next batch is simply bigger.
-        while self._pending and len(self._batches) < self._max_in_flight:
+        # With every batch in flight, checks keep queueing: the next batch is simply bigger.
+        while self._pending and self._in_flight < self._max_in_flight:
+            pipe = self._pipe
+            if pipe is None or pipe.closed:
+                self._connect()  # flushes again once connected
+                return
             if len(self._pending) <= self._max_batch:
-                batch, self._pending = self._pending, []
+                checks, self._pending = self._pending, []
             else:
-                batch = self._pending[: self._max_batch]
+                checks = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batch_done)
+            self._send(pipe, checks)
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
-        if self._pending and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    async def _run(self, batch: list[_PendingCheck]) -> None:
-        try:
-            await self._decide(batch)
-        finally:
-            self._undecided -= len(batch)
-
-    async def _decide(self, batch: list[_PendingCheck]) -> None:
+    def _send(self, pipe: RedisPipe, checks: list[_PendingCheck]) -> None:
         # A caller that gave up before its check was sent should not spend tokens.
-        batch = [check for check in batch if not check.future.done()]
-        if not batch:
+        live = [check for check in checks if not check.future.done()]
+        self._undecided -= len(checks) - len(live)
+        if not live:
+            self._wake_aclose()
             return
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies = await self._evaluate(batch)
-        except asyncio.CancelledError:
-            for check in batch:
-                _fail(check, LimiterUnavailable("the limiter was closed"))
-            raise
-        except Exception as exc:
-            for check in batch:
-                _fail(check, _translate(exc, self._timeout), exc)
-            return
-        for check, reply in zip(batch, replies, strict=True):
-            if check.future.done():  # cancelled while in flight: its tokens stay spent
-                continue
-            if isinstance(reply, Exception):
-                _fail(check, _translate(reply, self._timeout), reply)
-                continue
-            try:
-                allowed, tenant_level, key_level = reply
-                decision = decide(
-                    allowed == 1,
-                    float(tenant_level),
-                    float(key_level),
-                    check.tenant_limit,
-                    check.key_limit,
-                    check.cost,
-                )
-            except (TypeError, ValueError) as exc:
-                _fail(check, LimiterScriptError(f"unexpected script reply: {reply!r}"), exc)
-                continue
-            check.future.set_result(decision)
+        batch = _Batch(live)
+        for check in live:
+            check.sends += 1
+        self._in_flight += 1
+        self._round_trips += 1
+        batch.timer = asyncio.get_running_loop().call_later(
+            self._timeout, self._expired, batch, pipe
+        )
+        pipe.call(
+            b"".join([check.command for check in live]),
+            len(live),
+            functools.partial(self._answered, batch, pipe),
+        )
 
-    async def _evaluate(self, batch: list[_PendingCheck]) -> list[Any]:
-        replies = await self._send([check.command for check in batch])
+    def _answered(self, batch: _Batch, pipe: RedisPipe, replies: Replies | BaseException) -> None:
+        if batch.settled:  # past its timeout, and already answered
+            return
+        if isinstance(replies, BaseException):
+            if (
+                isinstance(replies, PipeClosed)
+                and replies.by_peer
+                and not replies.answered
+                and all(check.sends == 1 for check in batch.checks)
+            ):
+                # Closed by Redis before it answered any of the batch: a Redis restarted since
+                # the connection was made never saw the calls, so they go once more on a new
+                # connection. (Had a live Redis closed it after running them, the tokens are
+                # spent twice: the error is on the side of refusing.)
+                self._settle(batch, again=True)
+            else:
+                self._settle(batch, failure=replies)
+            return
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
+        if missing and not batch.reloaded:
             # Redis restarted or its scripts were flushed. A NOSCRIPT call did not run, so
             # sending it again after loading the script cannot consume anything twice.
-            again = await self._send([LOAD_COMMAND, *(batch[i].command for i in missing)])
-            for i, reply in zip(missing, again[1:], strict=True):
-                replies[i] = reply
-        return replies
+            batch.reloaded, batch.replies = True, replies
+            self._round_trips += 1
+            pipe.call(
+                LOAD_COMMAND + b"".join([batch.checks[i].command for i in missing]),
+                len(missing) + 1,
+                functools.partial(self._reloaded, batch, missing),
+            )
+            return
+        batch.replies = replies
+        self._settle(batch)
 
-    async def _send(self, commands: list[bytes]) -> list[Any]:
-        """Write the commands in one go and read one reply (or error reply) for each.
+    def _reloaded(self, batch: _Batch, missing: list[int], again: Replies | BaseException) -> None:
+        if batch.settled:
+            return
+        for n, i in enumerate(missing, start=1):
+            batch.replies[i] = again if isinstance(again, BaseException) else again[n]
+        self._settle(batch)
 
-        On a connection of the limiter's own (made by the client's pool, never lent to it),
-        minus redis-py's per-argument encoding, per-reply timers and the pool's checkout work
-        (a lock, a readiness probe, metrics): the caller's timeout bounds the whole exchange,
-        and a connection whose exchange did not end cleanly is closed, so no reply is ever
-        left on it to be misread.
-        """
-        idle = self._idle
-        if idle:
-            connection = idle.pop()
+    def _expired(self, batch: _Batch, pipe: RedisPipe) -> None:
+        if batch.settled:
+            return
+        self._settle(batch, failure=TimeoutError())
+        # No late reply may be read as a later batch's: the batches behind it fail too.
+        pipe.close(f"no reply within {self._timeout} s")
+
+    def _settle(
+        self, batch: _Batch, *, failure: BaseException | None = None, again: bool = False
+    ) -> None:
+        """The batch is out of Redis's hands: answer its checks (or queue them to go again)."""
+        batch.settled = True
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._in_flight -= 1
+        if again:
+            self._pending[:0] = batch.checks
         else:
-            connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            # The batch's own timeout bounds the exchange; with a socket timeout too, redis-py
-            # would wrap every write in `wait_for` (a task and a timer per round trip).
-            connection.socket_timeout = None
-        clean = False
-        try:
-            try:
-                replies = await self._exchange(connection, commands)
-            except _StaleConnection:
-                # A kept connection to a Redis that has since restarted fails before any
-                # reply: that Redis never saw the calls, so they go once more on a new
-                # connection. (Had a live Redis dropped the connection after running them,
-                # the tokens are spent twice: the error is on the side of refusing.)
-                await connection.disconnect(nowait=True)
-                replies = await self._exchange(connection, commands, retry=False)
-            clean = True
-            return replies
-        finally:
-            if clean and not self._closed:
-                idle.append(connection)
+            self._undecided -= len(batch.checks)
+            if failure is not None:
+                for check in batch.checks:
+                    _fail(check, _translate(failure, self._timeout), failure)
             else:
-                await connection.disconnect(nowait=True)
+                for check, reply in zip(batch.checks, batch.replies, strict=True):
+                    _answer(check, reply, self._timeout)
+        if self._pending:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._wake_aclose()
 
-    async def _exchange(
-        self, connection: Any, commands: list[bytes], *, retry: bool = True
-    ) -> list[Any]:
-        self._round_trips += 1
-        replies: list[Any] = []
+    # --- the connection --------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._connecting is None:
+            task = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(_retrieve)
+            self._connecting = task
+
+    async def _ready(self) -> RedisPipe:
+        pipe = self._pipe
+        if pipe is not None and not pipe.closed:
+            return pipe
+        if self._closed:
+            raise LimiterUnavailable("the limiter is closed")
+        self._connect()
+        assert self._connecting is not None
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> RedisPipe:
         try:
-            await connection.send_packed_command(b"".join(commands), check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response(timeout=math.inf))
-                except ResponseError as exc:  # raised after the whole reply was read
-                    replies.append(exc)
-        except (RedisConnectionError, OSError) as exc:
-            if retry and not replies:
-                raise _StaleConnection() from exc
+            async with asyncio.timeout(self._timeout):
+                pipe = await RedisPipe.open(self._address)
+        except BaseException as exc:
+            failed, self._pending = self._pending, []
+            self._undecided -= len(failed)
+            for check in failed:
+                _fail(check, _translate(exc, self._timeout), exc)
             raise
-        return replies
+        finally:
+            self._connecting = None
+            self._wake_aclose()
+        self._pipe = pipe
+        self._flush()
+        return pipe
 
-
-class _StaleConnection(Exception):
-    pass
+    def _wake_aclose(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
 
 def _fail(check: _PendingCheck, error: RateLimitError, cause: BaseException | None = None) -> None:
     if not check.future.done():
         error.__cause__ = cause
         check.future.set_exception(error)
+
+
+def _answer(check: _PendingCheck, reply: Any, timeout: float) -> None:
+    if check.future.done():  # cancelled while in flight: its tokens stay spent
+        return
+    if isinstance(reply, Exception):
+        _fail(check, _translate(reply, timeout), reply)
+        return
+    try:
+        allowed, tenant_level, key_level = reply
+        decision = decide(
+            allowed == 1,
+            float(tenant_level),
+            float(key_level),
+            check.tenant_limit,
+            check.key_limit,
+            check.cost,
+        )
+    except (TypeError, ValueError) as exc:
+        _fail(check, LimiterScriptError(f"unexpected script reply: {reply!r}"), exc)
+        return
+    check.future.set_result(decision)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A failed connection attempt is reported through the checks it failed."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _translate(exc: BaseException, timeout: float) -> RateLimitError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from ratelimit.buckets import BucketLimit
+from ratelimit.pipe import bulk, encode_command
 
 # Why each choice:
 # - Time comes from Redis (TIME), so every gateway and worker shares one clock.
@@ -61,20 +62,16 @@ BUCKETS_SHA = hashlib.sha1(BUCKETS_LUA.encode()).hexdigest()
 _EVALSHA_HEAD = b"*10\r\n$7\r\nEVALSHA\r\n$40\r\n" + BUCKETS_SHA.encode() + b"\r\n$1\r\n2\r\n"
 
 
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-LOAD_COMMAND = b"*3\r\n" + b"".join(map(_bulk, (b"SCRIPT", b"LOAD", BUCKETS_LUA.encode())))
+LOAD_COMMAND = encode_command(b"SCRIPT", b"LOAD", BUCKETS_LUA.encode())
 
 
 def encode_limits(tenant_limit: BucketLimit, key_limit: BucketLimit, cost: float) -> bytes:
     """The script's ARGV in RESP; the same for every request to one agent, so worth caching."""
     values = (tenant_limit.rate, tenant_limit.burst, key_limit.rate, key_limit.burst, cost)
     # repr of a float reads back exactly (Lua's tonumber parses "1e-06" and "0.1" alike).
-    return b"".join(_bulk(repr(float(value)).encode()) for value in values)
+    return b"".join(bulk(repr(float(value)).encode()) for value in values)
 
 
 def encode_call(tenant_key: str, key_key: str, limits: bytes) -> bytes:
     """One EVALSHA of the bucket script in RESP, ready to be written to the socket."""
-    return b"".join((_EVALSHA_HEAD, _bulk(tenant_key.encode()), _bulk(key_key.encode()), limits))
+    return b"".join((_EVALSHA_HEAD, bulk(tenant_key.encode()), bulk(key_key.encode()), limits))
