@@ -288,7 +288,8 @@ class BucketLimiter:
         if batch.settled:
             return
         self._settle(batch, failure=TimeoutError())
-        # No late reply may be read as a later batch's: the batches behind it fail too.
+        # A connection gone silent is not waited on again: the batches behind this one on it
+        # fail too, and the next batch goes on a new connection.
         pipe.close(f"no reply within {self._timeout} s")
 
     def _settle(

@@ -180,6 +180,8 @@ class RedisPipe(asyncio.Protocol):
                 if len(call.replies) == call.count:
                     calls.popleft()
                     self._answer(call, call.replies)
+                    if self.closed:  # by the callback: what follows answers no call
+                        return
         except InvalidResponse as exc:
             self._lose(PipeClosed(f"Redis sent something that is not RESP: {exc}"))
 

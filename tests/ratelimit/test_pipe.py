@@ -187,6 +187,30 @@ async def test_a_reply_to_no_call_closes_the_connection() -> None:
             late.result()
 
 
+async def test_a_call_answered_in_order_and_one_closed_by_its_callback() -> None:
+    """Replies go to calls in the order they were made, however they are split into reads;
+    a callback that closes the pipe leaves the replies after it unread."""
+    pipe, transport = RedisPipe(), _Transport()
+    pipe.connection_made(transport)
+    first = pipe.request([b"PING", b"PING"])
+    answered: list[object] = []
+
+    def close_on_reply(replies: object) -> None:
+        answered.append(replies)
+        pipe.close("the caller was done")
+
+    pipe.call(b"GET", 1, close_on_reply)
+    third: list[object] = []
+    pipe.call(b"PING", 1, third.append)
+    pipe.data_received(b"+a\r\n+")
+    assert not first.done()
+    pipe.data_received(b"b\r\n$1\r\nc\r\n+d\r\n")
+    assert first.result() == [b"a", b"b"]
+    assert answered == [[b"c"]]
+    assert len(third) == 1 and isinstance(third[0], PipeClosed)  # once, and not with "d"
+    assert "the caller was done" in str(third[0])
+
+
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
