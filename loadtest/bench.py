@@ -245,7 +245,13 @@ def server_summary(found: dict[str, Any]) -> dict[str, Any]:
     return {
         **{k: overhead.get(k) for k in OVERHEAD_KEYS},
         "gateway_answered_per_s": overhead.get("gateway_answered_per_s"),
-        f"at_{low.get('rate_per_s', 0):.0f}_per_s": {k: low.get(k) for k in OVERHEAD_KEYS},
+        "overhead_worker_cpu_share": overhead.get("worker_cpu_share"),
+        "overhead_worker_cpu_us_per_request": overhead.get("worker_cpu_us_per_request"),
+        f"at_{low.get('rate_per_s', 0):.0f}_per_s": {
+            **{k: low.get(k) for k in OVERHEAD_KEYS},
+            "worker_cpu_share": low.get("worker_cpu_share"),
+            "worker_cpu_us_per_request": low.get("worker_cpu_us_per_request"),
+        },
         "max_rps_per_worker": best.get("rps"), "max_rps_at_connections": best.get("connections"),
         "max_rps_429s": best.get("statuses", {}).get("429", 0),
         "max_rps_errors": best.get("errors"),

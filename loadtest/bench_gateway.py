@@ -153,11 +153,16 @@ async def _round(
             for name, port in (("direct", first.upstream_port), ("relay", first.relay_port))}
     servers = list(targets)
     turn %= len(servers)
+    busy: dict[str, dict[str, float]] = {}
     for server in servers[turn:] + servers[:turn]:
         t = targets[server]
+        before = sum(cpu_seconds(t.pid))
         runs[server] = await loadgen.open_loop(t.gateway_port, t.via_gateway("fast"), rate,
                                                seconds)
-    return {name: tally.summary() for name, tally in runs.items()}
+        spent, done = sum(cpu_seconds(t.pid)) - before, sum(runs[server].statuses.values())
+        busy[server] = {"worker_cpu_share": round(spent / runs[server].elapsed_s, 2),
+                        "worker_cpu_us_per_request": round(spent / max(done, 1) * 1e6, 1)}
+    return {name: {**tally.summary(), **busy.get(name, {})} for name, tally in runs.items()}
 
 
 async def overhead(targets: Targets, *, rate: float, seconds: float, rounds: int,
@@ -188,6 +193,9 @@ def _medians(runs: list[dict[str, dict[str, Any]]], server: str) -> dict[str, An
                 found[f"{label}_{which}{suffix}_ms"] = _median([
                     g - b for b, g in zip(values[base], values[server], strict=True) if b and g])
     found["gateway_answered_per_s"] = _median([run[server]["rps"] for run in runs])
+    # How busy the worker was at this rate: the tail is queueing behind whatever delays it.
+    for key in ("worker_cpu_share", "worker_cpu_us_per_request"):
+        found[key] = _median([run[server][key] for run in runs])
     return found
 
 
