@@ -183,7 +183,7 @@ class RedisPipe(asyncio.Protocol):
                     if self.closed:  # by the callback: what follows answers no call
                         return
         except InvalidResponse as exc:
-            self._lose(PipeClosed(f"Redis sent something that is not RESP: {exc}"))
+            self._lose(PipeClosed(f"a reply from Redis could not be read: {exc}"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: a half-closed Redis connection is of no use
