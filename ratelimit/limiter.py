@@ -54,7 +54,7 @@ class _PendingCheck:
     key_limit: BucketLimit
     cost: float
     future: asyncio.Future[Decision]
-    sends: int = 0
+    resent: bool = False  # went once more after its connection was lost (the one retry)
 
 
 @dataclass(slots=True, eq=False)
@@ -231,8 +231,6 @@ class BucketLimiter:
             self._wake_aclose()
             return
         batch = _Batch(live)
-        for check in live:
-            check.sends += 1
         self._in_flight += 1
         self._round_trips += 1
         batch.timer = asyncio.get_running_loop().call_later(
@@ -252,7 +250,7 @@ class BucketLimiter:
                 isinstance(replies, PipeClosed)
                 and replies.by_peer
                 and not replies.answered
-                and all(check.sends == 1 for check in batch.checks)
+                and not any(check.resent for check in batch.checks)
             ):
                 # Closed by Redis before it answered any of the batch: a Redis restarted since
                 # the connection was made never saw the calls, so they go once more on a new
@@ -301,6 +299,8 @@ class BucketLimiter:
             batch.timer.cancel()
         self._in_flight -= 1
         if again:
+            for check in batch.checks:
+                check.resent = True
             self._pending[:0] = batch.checks
         else:
             self._undecided -= len(batch.checks)

@@ -70,7 +70,11 @@ class RedisAddress:
             tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
             if options.get("ssl_certfile"):
                 tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
-            if str(options.get("ssl_cert_reqs", "required")).lower() == "none":
+            reqs = str(options.get("ssl_cert_reqs") or "required").lower()
+            if reqs not in ("none", "optional", "required"):
+                raise ValueError(f"ssl_cert_reqs in the Redis URL must be none, optional or "
+                                 f"required, not {reqs!r}")
+            if reqs == "none":
                 tls.check_hostname = False
                 tls.verify_mode = ssl.CERT_NONE
         return cls(

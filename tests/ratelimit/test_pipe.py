@@ -168,6 +168,13 @@ async def test_a_tls_url_checks_the_certificate_and_can_present_one(tmp_path: Pa
         process.stop()
 
 
+def test_a_bad_redis_url_is_refused_with_its_reason() -> None:
+    with pytest.raises(ValueError, match="ssl_cert_reqs .* not 'sometimes'"):
+        BucketLimiter.from_url("rediss://127.0.0.1:6379/0?ssl_cert_reqs=sometimes")
+    with pytest.raises(ValueError, match="scheme"):
+        BucketLimiter.from_url("http://127.0.0.1:6379/0")
+
+
 async def test_a_reply_to_no_call_closes_the_connection() -> None:
     """Bytes that answer nothing (or are not RESP) mean the connection cannot be trusted: it
     closes, and every call waiting on it gets PipeClosed."""
