@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gateway.access import Gatekeeper
 from gateway.agent_config import AgentConfigEndpoint, Preflight
 from gateway.audit import AuditLog
+from gateway.busy_poll import BusyPoll
 from gateway.changes import ChangeListener, RevokedKeys
 from gateway.chat import ChatEndpoint
 from gateway.config import GatewayConfig
@@ -116,6 +117,8 @@ def build_app(config: GatewayConfig) -> Front:
                 max_body_bytes=config.max_body_bytes,
                 max_message_chars=config.max_message_chars,
                 run_ahead=config.run_ahead,
+                busy_poll=BusyPoll(asyncio.get_running_loop(), config.busy_poll_s)
+                if config.busy_poll_s > 0 else None,
             )
             chat.handler = chats
             agent_config.handler = AgentConfigEndpoint(gatekeeper)

@@ -13,6 +13,7 @@ import orjson
 
 from gateway.access import Access, Gatekeeper, RequestHeaders, cors_headers
 from gateway.admission import Forecast, Judgement, Verdict
+from gateway.busy_poll import BusyPoll
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -55,11 +56,13 @@ class ChatEndpoint:
         max_body_bytes: int,
         max_message_chars: int,
         run_ahead: bool = True,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
         self._gatekeeper = gatekeeper
         self._limiter = limiter
         self._relay = relay
         self._metrics = metrics
+        self._busy_poll = busy_poll
         self._max_body = max_body_bytes
         self._max_chars = max_message_chars
         # Runs start before the limiter's decision when the key's last one left tokens
@@ -80,6 +83,9 @@ class ChatEndpoint:
         reply: Reply,
     ) -> int:
         """Answer one chat; return the HTTP status sent."""
+        busy_poll = self._busy_poll
+        if busy_poll is not None:
+            busy_poll.kick()
         headers = RequestHeaders.scan(raw_headers)
         extra: Headers = [(b"x-request-id", request_id.encode())]
         access: Access | None = None

@@ -2,16 +2,18 @@
 
 Starts what `loadtest.bench_stack` describes (a minimal real stack, the canned runtime, a relay
 that does no work, and one gateway worker under each server: `uvicorn` with the gateway's own
-protocol for chats, as `python -m gateway` runs it, `uvicorn-asgi` with uvicorn's stock one,
+protocol for chats, as `python -m gateway` runs it, `uvicorn-poll` as that with busy polling
+(GATEWAY_BUSY_POLL_US, for a worker on a core of its own), `uvicorn-asgi` with uvicorn's stock one,
 `uvicorn-http` as `uvicorn` but reaching the runtime over HTTP/1.1 instead of the runtime link,
 and granian; all on loopback, the gateways and the relay on core 0, this load generator and
 everything else on core 1), measures each server with `loadtest.bench_gateway`, profiles the
 first one with py-spy, then merges the runtime's and the CMP's own benchmarks
 (`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
-figures are the first server's) and its progress on stderr; about twelve minutes.
+figures are the first server's, `uvicorn-poll`; `without_busy_poll` repeats them for `uvicorn`)
+and its progress on stderr; about fourteen minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--no-runtime] [--no-cmp]
-                                       [--servers uvicorn,uvicorn-http,uvicorn-asgi,granian]
+                         [--servers uvicorn-poll,uvicorn,uvicorn-http,uvicorn-asgi,granian]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import uvloop
 from devstack.procs import free_port
 from loadtest import bench_gateway, loadgen
 from loadtest.bench_gateway import Target, Targets
-from loadtest.bench_stack import GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack
+from loadtest.bench_stack import BUSY_POLL_US, GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack
 
 PROFILE = ROOT / ".stack" / "bench" / "gateway-profile.txt"  # py-spy's collapsed stacks
 LOOP_PROBE = ROOT / ".stack" / "bench" / "loop-probe"  # the probed worker's <this>.<pid>.json
@@ -50,8 +52,9 @@ ROUND_TRIPS_MEASURED_AS = (
     "total / gateway_limiter_checks_total (one check per request); cross-check: redis_read_"
     "events_per_request, Redis INFO total_reads_processed per request (every client)")
 OPTIONS: tuple[tuple[str, type, object, str], ...] = (
-    ("--servers", str, "uvicorn,uvicorn-http,uvicorn-asgi,granian",
-     "servers (uvicorn, uvicorn-http, uvicorn-asgi, granian); the first one is profiled"),
+    ("--servers", str, "uvicorn-poll,uvicorn,uvicorn-http,uvicorn-asgi,granian",
+     "servers (uvicorn-poll, uvicorn, uvicorn-http, uvicorn-asgi, granian); the first one is "
+     "profiled and gives the top-level figures"),
     ("--rate", float, 2000.0, "open-loop requests/s for the overhead"),
     ("--low-rate", float, 500.0, "a rate the worker can take, for the overhead without queueing"),
     ("--seconds", float, 5.0, "per overhead run"),
@@ -301,10 +304,16 @@ def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: 
         "redis_round_trips_measured_as": ROUND_TRIPS_MEASURED_AS,
         "runtime_cpu_ms_per_turn": runtime.get("runtime_cpu_ms_per_turn"),
         "lfx_baseline_cpu_ms_per_turn": runtime.get("lfx_baseline_cpu_ms_per_turn"),
-        "server": name, "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
+        "server": name, "busy_poll_us": BUSY_POLL_US if name == "uvicorn-poll" else 0,
+        "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
     })
     found["met"] = {k: None if found.get(k) is None else found[k] <= bound if op == "<="
                     else found[k] >= bound for k, (op, bound) in TARGETS.items()}
+    if name == "uvicorn-poll" and "uvicorn" in servers:
+        # The same worker as `python -m gateway` runs it by default: asleep whenever idle.
+        plain = server_summary(servers["uvicorn"])
+        found["without_busy_poll"] = {k: plain[k] for k in (*TARGETS, "overhead_worker_cpu_share")
+                                      if k in plain}
     found.update({
         "notes": notes(found, args.rate),
         "servers": {s: server_summary(r) for s, r in servers.items()},

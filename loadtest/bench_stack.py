@@ -28,6 +28,9 @@ from loadtest.standins import OPEN_FILES, raise_open_files
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_CORE, LOAD_CORE = 0, 1
+# `uvicorn-poll`'s GATEWAY_BUSY_POLL_US: longer than the gap between chats at the overhead's
+# 2,000/s, so that the worker, on its own core, polls between them instead of sleeping.
+BUSY_POLL_US = 1000
 
 
 class BenchStack:
@@ -92,9 +95,10 @@ class BenchStack:
     ) -> ManagedProcess:
         """The stack's gateway (same environment) on `port`, pinned to its core with a raised
         open-files limit, under `python -m gateway` (`uvicorn`: uvicorn with the gateway's own
-        protocol for chats; `uvicorn-asgi`: uvicorn's stock protocol, every route via ASGI;
-        `uvicorn-http`: as `uvicorn`, but runs go to the runtime over HTTP/1.1 instead of the
-        runtime link) or granian."""
+        protocol for chats; `uvicorn-poll`: as `uvicorn`, busy polling for BUSY_POLL_US after
+        each chat (gateway.busy_poll); `uvicorn-asgi`: uvicorn's stock protocol, every route
+        via ASGI; `uvicorn-http`: as `uvicorn`, but runs go to the runtime over HTTP/1.1 instead
+        of the runtime link) or granian."""
         base, limit = self.stack.process("gateway"), self.open_files
         prefix = ["prlimit", f"--nofile={limit}:{limit}", "taskset", "-c", str(GATEWAY_CORE)]
         command = [sys.executable, "-m", "gateway"] if server.startswith("uvicorn") else [
@@ -106,7 +110,9 @@ class BenchStack:
         env = {**base.env, "GATEWAY_PORT": str(port),
                "GATEWAY_SPOOL_DIR": str(self.stack.root / name / "spool"),
                "GATEWAY_HTTP": "asgi" if server == "uvicorn-asgi" else "gateway",
-               "GATEWAY_RUNTIME_TRANSPORT": transport(server), **(env or {})}
+               "GATEWAY_RUNTIME_TRANSPORT": transport(server),
+               "GATEWAY_BUSY_POLL_US": str(BUSY_POLL_US) if server == "uvicorn-poll" else "0",
+               **(env or {})}
         return dataclasses.replace(
             base, name=name, argv=prefix + command, cwd=ROOT, env=env,
             ready=http_ready(f"http://127.0.0.1:{port}/readyz"),

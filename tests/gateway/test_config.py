@@ -21,6 +21,11 @@ def test_defaults_serve_chats_with_the_gateways_own_protocol() -> None:
     assert config.runtime_transport == "link"
     assert config.workers == 2 and config.max_body_bytes == 32 * 1024
     assert config.loop_probe is None
+    assert config.busy_poll_s == 0  # off: a worker sleeps whenever it has nothing to do
+
+
+def test_busy_polling_is_set_in_microseconds() -> None:
+    assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_BUSY_POLL_US": "1000"}).busy_poll_s == 0.001
 
 
 def test_the_loop_probe_is_on_when_it_names_a_file() -> None:
@@ -53,6 +58,8 @@ def test_runs_start_ahead_of_the_limiter_unless_turned_off() -> None:
     ("GATEWAY_HTTP", "h2", "GATEWAY_HTTP must be one of gateway, asgi, got 'h2'"),
     ("GATEWAY_RUNTIME_TRANSPORT", "grpc",
      "GATEWAY_RUNTIME_TRANSPORT must be one of link, http, got 'grpc'"),
+    ("GATEWAY_BUSY_POLL_US", "1e6", "GATEWAY_BUSY_POLL_US must be at most 100000, got '1e6'"),
+    ("GATEWAY_BUSY_POLL_US", "-5", "GATEWAY_BUSY_POLL_US must be at least 0, got '-5'"),
     ("GATEWAY_WORKERS", "0", "GATEWAY_WORKERS must be at least 1, got '0'"),
     ("GATEWAY_PORT", "70000", "GATEWAY_PORT must be at most 65535, got '70000'"),
     ("GATEWAY_DRAIN_TIMEOUT_S", "soon", "GATEWAY_DRAIN_TIMEOUT_S must be a number, got 'soon'"),

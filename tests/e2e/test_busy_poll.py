@@ -1,0 +1,61 @@
+"""GATEWAY_BUSY_POLL_US: a worker started with it answers chats as usual, keeps its core busy
+while chats come closer together than the window, and sleeps again once they stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from devstack.stack import Stack
+from tests.e2e.conftest import SSE, Tenant, auth, extra_gateway_process, sse_events
+
+WINDOW_US = 100_000  # the largest window the setting takes
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_polling_worker_answers_and_sleeps_once_chats_stop(
+    stack: Stack, tenant: Tenant,
+) -> None:
+    env = {"GATEWAY_BUSY_POLL_US": str(WINDOW_US)}
+    with extra_gateway_process(stack, "gateway-busy-poll", env) as (process, url):
+        assert process.popen is not None
+        pid = process.popen.pid
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            streamed = await client.post(tenant.chat_path, json={"message": "hello"},
+                                         headers={**auth(tenant.secret_key), **SSE})
+            assert streamed.status_code == 200, streamed.text
+            events = sse_events(streamed.text)
+            assert [e for e, _ in events].count("token") >= 1 and events[-1][0] == "end"
+
+            idle_before = cpu_seconds(pid)
+            await asyncio.sleep(1)
+            idle_before = cpu_seconds(pid) - idle_before
+
+            busy = cpu_seconds(pid)
+            started = time.monotonic()
+            chats = 0
+            while time.monotonic() - started < 1.5:
+                response = await client.post(tenant.chat_path, json={"message": f"hi {chats}"},
+                                             headers=auth(tenant.secret_key))
+                assert response.status_code == 200, response.text
+                chats += 1
+                await asyncio.sleep(0.05)
+            busy = cpu_seconds(pid) - busy
+
+            await asyncio.sleep(0.5)  # past the window
+            idle_after = cpu_seconds(pid)
+            await asyncio.sleep(1)
+            idle_after = cpu_seconds(pid) - idle_after
+    # Through each chat's window the worker polled instead of sleeping, so it spent a large
+    # share of those 1.5 s (answering the chats alone takes under a tenth of it), and nothing
+    # once they stopped.
+    assert busy > 0.4, (busy, chats)
+    assert idle_before < 0.2 and idle_after < 0.2, (idle_before, idle_after)
