@@ -10,7 +10,7 @@ everything else on core 1), measures each server with `loadtest.bench_gateway`, 
 first one with py-spy, then merges the runtime's and the CMP's own benchmarks
 (`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
 figures are the first server's, `uvicorn-poll`; `without_busy_poll` repeats them for `uvicorn`)
-and its progress on stderr; about fourteen minutes.
+and its progress on stderr; about ten minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--no-runtime] [--no-cmp]
                          [--servers uvicorn-poll,uvicorn,uvicorn-http,uvicorn-asgi,granian]
@@ -322,6 +322,10 @@ def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: 
                     "load_avg_at_end": os.getloadavg(), "quick": args.quick,
                     "other_processes_cpu_share": getattr(args, "others_cpu_share", None),
                     "open_files_limit": getattr(args, "open_files", None),
+                    # CPU ms of a fixed piece of work per core (machine_speed), before and after
+                    # the gateway's phases: higher means a slower hour of the shared machine.
+                    "speed_ms": {"at_start": getattr(args, "speed_at_start", None),
+                                 "after_gateway": getattr(args, "speed_at_end_of_gateway", None)},
                     "bench_seconds": round(seconds)},
         "errors": errors, "details": servers,
     })
@@ -346,11 +350,35 @@ def run(args: argparse.Namespace, errors: list[str]) -> dict[str, dict[str, Any]
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 
 
+def machine_speed() -> dict[str, float]:
+    """Per core, the CPU milliseconds a fixed piece of interpreter work takes (best of five),
+    so that runs in a fast and a slow hour of a shared machine can be told apart: the host's
+    other tenants slow every figure here without showing as stolen time. The first pass on
+    each core only warms up."""
+    cores = sorted(os.sched_getaffinity(0))
+    found = {}
+    try:
+        for core in cores:
+            os.sched_setaffinity(0, {core})
+            times = []
+            for _ in range(6):
+                start = time.process_time()
+                table: dict[str, int] = {}
+                for i in range(100_000):
+                    table[f"key-{i % 997}"] = table.get(f"key-{i % 991}", 0) + len(str(i))
+                times.append((time.process_time() - start) * 1000)
+            found[f"core{core}"] = round(min(times[1:]), 1)
+    finally:
+        os.sched_setaffinity(0, cores)
+    return found
+
+
 def main() -> int:
     args = options()
     stdout = os.dup(1)
     os.dup2(2, 1)  # children and libraries print to stderr; stdout carries the JSON alone
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks run
+    args.speed_at_start = machine_speed()
     started, machine_before = time.monotonic(), bench_gateway.core_ticks()
     errors: list[str] = []
     if args.profile_seconds > 0 and not Path(args.py_spy).exists():
@@ -370,6 +398,7 @@ def main() -> int:
                                   / (os.cpu_count() or 1), 2)
     for server, found in servers.items():
         errors += phase_errors(server, found)
+    args.speed_at_end_of_gateway = machine_speed()
     runtime = {} if args.no_runtime else sub_bench("runtime", "loadtest.bench_runtime", errors)
     cmp = {} if args.no_cmp else sub_bench("cmp", "loadtest.bench_cmp", errors, 900)
     found = report(servers, runtime, errors, args, time.monotonic() - started)
