@@ -4,10 +4,12 @@ the latest kick, and then the loop sleeps again."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
 
+from gateway import busy_poll
 from gateway.busy_poll import BusyPoll
 
 
@@ -53,3 +55,27 @@ async def test_each_kick_moves_the_end_of_the_window() -> None:
 def test_the_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window_s must be positive, got 0"):
         BusyPoll(asyncio.new_event_loop(), 0)
+
+
+async def test_each_polling_turn_yields_the_core_to_the_workers_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop drops and retakes the GIL on every turn; a thread on the same core waiting for
+    it (the spool's fsync) runs in between only if the turn gives up the core."""
+    yields = 0
+    real_yield = os.sched_yield
+
+    def counted() -> None:
+        nonlocal yields
+        yields += 1
+        real_yield()
+
+    monkeypatch.setattr(busy_poll.os, "sched_yield", counted)
+    poll = BusyPoll(asyncio.get_running_loop(), 0.05)
+    poll.kick()
+    while poll.polling:
+        await asyncio.sleep(0.01)
+    assert yields > 10
+    turned = yields
+    await asyncio.sleep(0.05)
+    assert yields == turned  # asleep: no turns, no yields
