@@ -9,11 +9,11 @@ and granian; all on loopback, the gateways and the relay on core 0, this load ge
 everything else on core 1), measures each server with `loadtest.bench_gateway`, profiles the
 first one with py-spy, then merges the runtime's and the CMP's own benchmarks
 (`loadtest.bench_runtime`, `loadtest.bench_cmp`). Prints one JSON object on stdout (the top-level
-figures are the first server's, `uvicorn-poll`; `without_busy_poll` repeats them for `uvicorn`)
+figures are the first server's, `uvicorn`; `with_busy_poll` repeats them for `uvicorn-poll`)
 and its progress on stderr; about ten minutes.
 
     .venv/bin/python -m loadtest.bench [--quick] [--no-runtime] [--no-cmp]
-                         [--servers uvicorn-poll,uvicorn,uvicorn-http,uvicorn-asgi,granian]
+                         [--servers uvicorn,uvicorn-poll,uvicorn-http,uvicorn-asgi,granian]
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ ROUND_TRIPS_MEASURED_AS = (
     "total / gateway_limiter_checks_total (one check per request); cross-check: redis_read_"
     "events_per_request, Redis INFO total_reads_processed per request (every client)")
 OPTIONS: tuple[tuple[str, type, object, str], ...] = (
-    ("--servers", str, "uvicorn-poll,uvicorn,uvicorn-http,uvicorn-asgi,granian",
-     "servers (uvicorn-poll, uvicorn, uvicorn-http, uvicorn-asgi, granian); the first one is "
+    ("--servers", str, "uvicorn,uvicorn-poll,uvicorn-http,uvicorn-asgi,granian",
+     "servers (uvicorn, uvicorn-poll, uvicorn-http, uvicorn-asgi, granian); the first one is "
      "profiled and gives the top-level figures"),
     ("--rate", float, 2000.0, "open-loop requests/s for the overhead"),
     ("--low-rate", float, 500.0, "a rate the worker can take, for the overhead without queueing"),
@@ -309,11 +309,11 @@ def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: 
     })
     found["met"] = {k: None if found.get(k) is None else found[k] <= bound if op == "<="
                     else found[k] >= bound for k, (op, bound) in TARGETS.items()}
-    if name == "uvicorn-poll" and "uvicorn" in servers:
-        # The same worker as `python -m gateway` runs it by default: asleep whenever idle.
-        plain = server_summary(servers["uvicorn"])
-        found["without_busy_poll"] = {k: plain[k] for k in (*TARGETS, "overhead_worker_cpu_share")
-                                      if k in plain}
+    if name == "uvicorn" and "uvicorn-poll" in servers:
+        # The same worker with busy polling, as a worker on a core of its own may run.
+        polling = server_summary(servers["uvicorn-poll"])
+        found["with_busy_poll"] = {k: polling[k] for k in (*TARGETS, "overhead_worker_cpu_share")
+                                   if k in polling}
     found.update({
         "notes": notes(found, args.rate),
         "servers": {s: server_summary(r) for s, r in servers.items()},
