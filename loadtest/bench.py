@@ -37,7 +37,7 @@ import uvloop
 from devstack.procs import free_port
 from loadtest import bench_gateway, loadgen
 from loadtest.bench_gateway import Target, Targets
-from loadtest.bench_stack import BUSY_POLL_US, GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack
+from loadtest.bench_stack import GATEWAY_CORE, LOAD_CORE, ROOT, BenchStack, busy_poll_us
 
 PROFILE = ROOT / ".stack" / "bench" / "gateway-profile.txt"  # py-spy's collapsed stacks
 LOOP_PROBE = ROOT / ".stack" / "bench" / "loop-probe"  # the probed worker's <this>.<pid>.json
@@ -304,7 +304,7 @@ def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: 
         "redis_round_trips_measured_as": ROUND_TRIPS_MEASURED_AS,
         "runtime_cpu_ms_per_turn": runtime.get("runtime_cpu_ms_per_turn"),
         "lfx_baseline_cpu_ms_per_turn": runtime.get("lfx_baseline_cpu_ms_per_turn"),
-        "server": name, "busy_poll_us": BUSY_POLL_US if name == "uvicorn-poll" else 0,
+        "server": name, "busy_poll_us": busy_poll_us(name or ""),
         "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
     })
     found["met"] = {k: None if found.get(k) is None else found[k] <= bound if op == "<="

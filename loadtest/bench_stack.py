@@ -111,7 +111,7 @@ class BenchStack:
                "GATEWAY_SPOOL_DIR": str(self.stack.root / name / "spool"),
                "GATEWAY_HTTP": "asgi" if server == "uvicorn-asgi" else "gateway",
                "GATEWAY_RUNTIME_TRANSPORT": transport(server),
-               "GATEWAY_BUSY_POLL_US": str(BUSY_POLL_US) if server == "uvicorn-poll" else "0",
+               "GATEWAY_BUSY_POLL_US": str(busy_poll_us(server)),
                **(env or {})}
         return dataclasses.replace(
             base, name=name, argv=prefix + command, cwd=ROOT, env=env,
@@ -135,6 +135,10 @@ class BenchStack:
         finally:
             await redis.aclose()
             await conn.close()
+
+
+def busy_poll_us(server: str) -> int:
+    return BUSY_POLL_US if server == "uvicorn-poll" else 0
 
 
 def transport(server: str) -> str:

@@ -4,21 +4,19 @@ while chats come closer together than the window, and sleeps again once they sto
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from pathlib import Path
 
 import httpx
 
 from devstack.stack import Stack
+from loadtest import bench_gateway
 from tests.e2e.conftest import SSE, Tenant, auth, extra_gateway_process, sse_events
 
 WINDOW_US = 100_000  # the largest window the setting takes
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(bench_gateway.cpu_seconds(pid))
 
 
 async def test_a_polling_worker_answers_and_sleeps_once_chats_stop(
