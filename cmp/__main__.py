@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 import asyncpg
-import redis.asyncio as aioredis
 import uvicorn
 
 from cmp import identity
@@ -15,6 +14,7 @@ from cmp.app import build_app
 from cmp.config import CmpConfig, ConfigError
 from cmp.errors import CmpError
 from cmp.migrate import migrate
+from cmp.redis_clients import connect
 from cmp.signing import retire_signing_key, rotate_signing_key
 
 
@@ -44,7 +44,9 @@ async def _with_conn(config: CmpConfig, args: argparse.Namespace) -> None:
             applied = await migrate(conn)
             print("applied: " + (", ".join(applied) if applied else "nothing, up to date"))
             return
-        redis = aioredis.from_url(config.redis_url, socket_timeout=5)
+        redis = connect(
+            config.redis_url, cluster=config.redis_cluster, timeout=5, connect_timeout=5
+        )
         try:
             if args.command == "retire-signing-key":
                 await retire_signing_key(conn, redis, args.kid)

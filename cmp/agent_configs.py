@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from cmp.errors import NotFound
+from cmp.redis_clients import AnyRedis
 from cmp.registry import AgentInstance, Limits, publish_entry, save_instance
 
 CONFIG_COLUMNS = (
@@ -78,7 +78,7 @@ async def load_config(
 
 
 async def publish_config(
-    conn: asyncpg.Connection, redis: aioredis.Redis, config: AgentConfig
+    conn: asyncpg.Connection, redis: AnyRedis, config: AgentConfig
 ) -> None:
     """Write the registry's copy and tell gateways; a config not yet provisioned has none."""
     if config.row["provisioning"] != "active":

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cmp import wire
 from cmp.errors import InvalidInput, NotFound, Unavailable
+from cmp.redis_clients import AnyRedis, write_and_announce
 from cmp.registry import load_instance
 from cmp.signing import active_signing_key
 
@@ -142,7 +142,7 @@ async def list_keys(conn: asyncpg.Connection, tenant_id: str, agent_id: str) -> 
 
 
 async def revoke_key(
-    conn: asyncpg.Connection, redis: aioredis.Redis, *, tenant_id: str, key_id: str
+    conn: asyncpg.Connection, redis: AnyRedis, *, tenant_id: str, key_id: str
 ) -> ApiKey:
     """Revoke a key of this tenant. Gateways are told first: should the database write fail
     after that, the key is refused a little early rather than served a little late."""
@@ -166,20 +166,19 @@ async def revoke_key(
     return key_from_row(row)
 
 
-async def announce_revocations(redis: aioredis.Redis, key_ids: list[str]) -> None:
+async def announce_revocations(redis: AnyRedis, key_ids: list[str]) -> None:
     if not key_ids:
         return
     try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(wire.REVOKED_SET, *key_ids)
-            for key_id in key_ids:
-                pipe.publish(wire.REVOKED_CHANNEL, key_id)
-            await pipe.execute()
+        await write_and_announce(
+            redis, lambda pipe: pipe.sadd(wire.REVOKED_SET, *key_ids), wire.REVOKED_CHANNEL,
+            key_ids,
+        )
     except (RedisError, OSError) as exc:
         raise Unavailable(f"could not announce the revocation: {exc}") from exc
 
 
-async def sync_revocations(conn: asyncpg.Connection, redis: aioredis.Redis) -> int:
+async def sync_revocations(conn: asyncpg.Connection, redis: AnyRedis) -> int:
     """Put every revoked key id back in Redis (after Redis lost its data)."""
     rows = await conn.fetch("SELECT key_id::text FROM api_keys WHERE revoked_at IS NOT NULL")
     await announce_revocations(redis, [r["key_id"] for r in rows])

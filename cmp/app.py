@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cmp import wire
 from cmp.api.openapi import build_document
 from cmp.api.operation import Services, error_response, json_response, route
 from cmp.api.routes import OPERATIONS
@@ -28,6 +26,7 @@ from cmp.embeddings import EmbeddingsClient
 from cmp.errors import CmpError, NotFound
 from cmp.migrate import migrate
 from cmp.provisioning import Provisioner
+from cmp.redis_clients import AnyRedis, connect, synced_markers
 from cmp.registry import load_instance, republish_all
 from cmp.signing import active_signing_key, jwks
 
@@ -54,17 +53,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _keep_redis_in_sync(
-    pool: asyncpg.Pool, redis: aioredis.Redis, stopping: asyncio.Event
+    pool: asyncpg.Pool, redis: AnyRedis, stopping: asyncio.Event
 ) -> None:
     """Publish every registry entry and revocation again whenever Redis has lost them (a
-    restart without persistence), checked every second through a marker key."""
+    restart without persistence, or a shard of a cluster that did), checked every second
+    through marker keys (`synced_markers`)."""
     while not stopping.is_set():
         try:
-            if not await redis.exists(wire.SYNCED_MARKER):
+            markers = await synced_markers(redis)
+            present = [await redis.exists(marker) for marker in markers]
+            if not all(present):
                 async with pool.acquire() as conn:
                     entries = await republish_all(conn, redis)
                     revoked = await sync_revocations(conn, redis)
-                await redis.set(wire.SYNCED_MARKER, "1")
+                for marker in markers:
+                    await redis.set(marker, "1")
                 log.info("published %d registry entries and %d revocations", entries, revoked)
         except (CmpError, RedisError, OSError) as exc:
             log.warning("cannot sync Redis yet: %s", exc)
@@ -76,7 +79,9 @@ def build_app(config: CmpConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=10)
-        redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        redis = connect(
+            config.redis_url, cluster=config.redis_cluster, timeout=2, connect_timeout=2
+        )
         async with pool.acquire() as conn:
             await migrate(conn)
             await active_signing_key(conn)

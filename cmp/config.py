@@ -24,6 +24,13 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
     return value
 
 
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "") or "off"
+    if raw not in ("on", "off"):
+        raise ConfigError(f"{name} must be on or off, got {raw!r}")
+    return raw == "on"
+
+
 @dataclass(frozen=True, slots=True)
 class CmpConfig:
     database_url: str
@@ -46,6 +53,7 @@ class CmpConfig:
     provision_attempts: int = 8
     provision_backoff_s: float = 0.5
     provision_max_backoff_s: float = 60.0
+    redis_cluster: bool = False  # CMP_REDIS_CLUSTER: the URL names a node of a Redis Cluster
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> CmpConfig:
@@ -65,6 +73,7 @@ class CmpConfig:
         return cls(
             database_url=env["CMP_DATABASE_URL"],
             redis_url=env.get("CMP_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_cluster=_switch(env, "CMP_REDIS_CLUSTER"),
             issuer=env.get("CMP_ISSUER", "sitekit-cmp"),
             service_token=env["CMP_SERVICE_TOKEN"],
             host=env.get("CMP_HOST", "127.0.0.1"),

@@ -14,11 +14,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from cmp.agent_configs import load_config, publish_config
 from cmp.config import CmpConfig
 from cmp.errors import CmpError
+from cmp.redis_clients import AnyRedis
 from runtime.client import RuntimeClient, RuntimeClientError, RuntimeRequestError
 
 log = logging.getLogger("sitekit.cmp.provisioning")
@@ -42,7 +42,7 @@ async def queue_provisioning(conn: asyncpg.Connection, agent_id: uuid.UUID) -> N
 
 class Provisioner:
     def __init__(
-        self, config: CmpConfig, pool: asyncpg.Pool, redis: aioredis.Redis, *,
+        self, config: CmpConfig, pool: asyncpg.Pool, redis: AnyRedis, *,
         poll_s: float = 0.5,
     ) -> None:
         self._config = config

@@ -9,11 +9,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cmp import wire
 from cmp.errors import InvalidInput, NotFound, Unavailable
+from cmp.redis_clients import AnyRedis, write_and_announce
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +141,19 @@ async def load_instance(
     return _instance(row)
 
 
-async def publish_entry(redis: aioredis.Redis, instance: AgentInstance) -> None:
+async def publish_entry(redis: AnyRedis, instance: AgentInstance) -> None:
     """Write the entry, then tell every gateway to drop its cached copy."""
+    entry = orjson.dumps(instance.registry_entry())
     try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(wire.registry_key(instance.agent_id), orjson.dumps(instance.registry_entry()))
-            pipe.publish(wire.REGISTRY_CHANNEL, instance.agent_id)
-            await pipe.execute()
+        await write_and_announce(
+            redis, lambda pipe: pipe.set(wire.registry_key(instance.agent_id), entry),
+            wire.REGISTRY_CHANNEL, [instance.agent_id],
+        )
     except (RedisError, OSError) as exc:
         raise Unavailable(f"could not publish registry entry: {exc}") from exc
 
 
-async def republish_all(conn: asyncpg.Connection, redis: aioredis.Redis) -> int:
+async def republish_all(conn: asyncpg.Connection, redis: AnyRedis) -> int:
     """Write every entry again: after Redis lost its data, gateways find them all back."""
     count = 0
     async with conn.transaction():

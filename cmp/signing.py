@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import jwt
 import orjson
-import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
@@ -21,6 +20,7 @@ from redis.exceptions import RedisError
 
 from cmp import wire
 from cmp.errors import InvalidInput, NotFound, Unavailable
+from cmp.redis_clients import AnyRedis
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +81,13 @@ async def active_signing_key(conn: asyncpg.Connection) -> SigningKey:
     return _load(row["kid"], row["private_pem"])
 
 
-async def rotate_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis) -> SigningKey:
+async def rotate_signing_key(conn: asyncpg.Connection, redis: AnyRedis) -> SigningKey:
     key = await create_signing_key(conn)
     await announce_jwks_change(redis)
     return key
 
 
-async def retire_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis, kid: str) -> None:
+async def retire_signing_key(conn: asyncpg.Connection, redis: AnyRedis, kid: str) -> None:
     """Drop `kid` from the JWKS: every API key signed with it stops verifying. The last active
     key cannot go (API keys could no longer be issued); rotate first."""
     async with conn.transaction():
@@ -102,7 +102,7 @@ async def retire_signing_key(conn: asyncpg.Connection, redis: aioredis.Redis, ki
     await announce_jwks_change(redis)
 
 
-async def announce_jwks_change(redis: aioredis.Redis) -> None:
+async def announce_jwks_change(redis: AnyRedis) -> None:
     """Gateways fetch the JWKS again at once, rather than when they meet an unknown kid."""
     try:
         await redis.publish(wire.JWKS_CHANNEL, "changed")

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from cmp.apikeys import issue_key
 from cmp.errors import NotFound
+from cmp.redis_clients import AnyRedis
 from cmp.registry import AgentInstance, load_instance, publish_entry, save_instance
 from devstack.marketplace import CmpClient, approve_order, create_owner
 from devstack.stack import Stack
@@ -34,7 +35,7 @@ async def deploy_flow(runtime_url: str, token: str, flow_id: str, flow: Any, ver
 
 
 async def create_tenant_agent(
-    conn: asyncpg.Connection, redis: aioredis.Redis, stack: Stack, *, name: str, origin: str,
+    conn: asyncpg.Connection, redis: AnyRedis, stack: Stack, *, name: str, origin: str,
     flow_id: str = DEMO_FLOW_ID, limits: Any = None,
 ) -> dict[str, Any]:
     """A tenant with one active agent instance and both kinds of key."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cmp import redis_clients
 from gateway.access import Gatekeeper
 from gateway.agent_config import AgentConfigEndpoint, Preflight
 from gateway.audit import AuditLog
@@ -40,7 +40,7 @@ from gateway.responses import ASGIApp, Receive, Scope, Send
 from gateway.upstream import RuntimeCaller, UpstreamPool, UpstreamSettings
 from gateway.usage import UsageEmitter
 from gateway.widget_bundle import WidgetBundle, WidgetEndpoint
-from ratelimit.limiter import BucketLimiter
+from ratelimit import BucketLimiter, ClusterLimiter, Limiter
 
 log = logging.getLogger("sitekit.gateway")
 
@@ -65,10 +65,9 @@ def build_app(config: GatewayConfig) -> Front:
             audit = AuditLog(config.audit_log)
             audit.open()
             stack.callback(audit.close)
-            redis = aioredis.from_url(
-                config.redis_url,
-                socket_timeout=config.redis_timeout_s,
-                socket_connect_timeout=config.connect_timeout_s,
+            redis = redis_clients.connect(
+                config.redis_url, cluster=config.redis_cluster, timeout=config.redis_timeout_s,
+                connect_timeout=config.connect_timeout_s,
             )
             stack.push_async_callback(redis.aclose)
             cmp = httpx.AsyncClient(
@@ -88,7 +87,9 @@ def build_app(config: GatewayConfig) -> Front:
                     verifier.forget_kids_except(jwks.kids)
 
             listener = ChangeListener(redis, registry, revoked, refresh_jwks)
-            limiter = BucketLimiter.from_url(config.redis_url, timeout=config.redis_timeout_s)
+            limiter: Limiter = (ClusterLimiter if config.redis_cluster else BucketLimiter).from_url(
+                config.redis_url, timeout=config.redis_timeout_s
+            )
             stack.push_async_callback(limiter.aclose)
             upstream: RuntimeCaller = UpstreamPool(UpstreamSettings(
                 connect_timeout_s=config.connect_timeout_s,
@@ -248,7 +249,7 @@ _DELIVERY_STEPS = ("accepted", "sent", "spooled", "replayed", "failed", "dropped
 
 
 async def _report_counts(
-    usage: UsageEmitter, limiter: BucketLimiter, relay: Relay, chats: ChatEndpoint,
+    usage: UsageEmitter, limiter: Limiter, relay: Relay, chats: ChatEndpoint,
     metrics: GatewayMetrics,
 ) -> None:
     """Copy the emitter's, limiter's and chat endpoint's plain counters into Prometheus once a

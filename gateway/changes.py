@@ -12,10 +12,10 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cmp import wire
+from cmp.redis_clients import AnyRedis
 from gateway.registry import RegistryCache
 
 log = logging.getLogger("sitekit.gateway")
@@ -42,7 +42,7 @@ class RevokedKeys:
 class ChangeListener:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         registry: RegistryCache,
         revoked: RevokedKeys,
         on_jwks_change: Callable[[], Coroutine[Any, Any, None]],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -27,9 +29,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.relay import ChatRequest, Relay
 from gateway.reply import AsgiReply, Reply, reply_error
 from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers
+from ratelimit import Limiter
 from ratelimit.buckets import Decision
 from ratelimit.errors import RateLimitError
-from ratelimit.limiter import BucketLimiter
+
+log = logging.getLogger("sitekit.gateway")
+# A limiter that fails (Redis down, a cluster that redirects) is logged at most this often.
+LIMITER_LOG_INTERVAL_S = 10.0
 
 _MAX_SESSION_ID = 128
 # Runs start ahead of their decision only while this worker has at most this many checks
@@ -49,7 +55,7 @@ class ChatEndpoint:
     def __init__(
         self,
         gatekeeper: Gatekeeper,
-        limiter: BucketLimiter,
+        limiter: Limiter,
         relay: Relay,
         metrics: GatewayMetrics,
         *,
@@ -60,6 +66,7 @@ class ChatEndpoint:
     ) -> None:
         self._gatekeeper = gatekeeper
         self._limiter = limiter
+        self._limiter_logged_at = -LIMITER_LOG_INTERVAL_S
         self._relay = relay
         self._metrics = metrics
         self._busy_poll = busy_poll
@@ -139,8 +146,12 @@ class ChatEndpoint:
         has come; `reserved` if the chat started ahead on the forecast."""
         try:
             decision: Decision | None = pending.result()
-        except RateLimitError:
+        except RateLimitError as exc:
             decision = None
+            now = time.monotonic()
+            if now - self._limiter_logged_at >= LIMITER_LOG_INTERVAL_S:
+                self._limiter_logged_at = now
+                log.warning("the rate limiter cannot decide; chats get 503: %s", exc)
         admitted = decision is not None and decision.allowed
         if self._forecast is not None:
             self._forecast.learn(key.tenant_id, key.key_id,

@@ -83,6 +83,7 @@ class GatewayConfig:
     run_ahead: bool = True  # runs may start before the limiter's decision (gateway.admission)
     loop_probe: Path | None = None  # a diagnostic (gateway.loop_probe): each worker's report
     busy_poll_s: float = 0.0  # gateway.busy_poll: how long a worker polls after a chat; 0: off
+    redis_cluster: bool = False  # the Redis URL names a node of a Redis Cluster (several shards)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -117,4 +118,5 @@ class GatewayConfig:
             runtime_transport=_choice(env, "GATEWAY_RUNTIME_TRANSPORT", ("link", "http")),
             run_ahead=_choice(env, "GATEWAY_RUN_AHEAD", ("on", "off")) == "on",
             busy_poll_s=_number(env, "GATEWAY_BUSY_POLL_US", 0, maximum=100_000) / 1e6,
+            redis_cluster=_choice(env, "GATEWAY_REDIS_CLUSTER", ("off", "on")) == "on",
         )

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cmp import wire
+from cmp.redis_clients import AnyRedis
 from gateway.errors import Unavailable
 from ratelimit.buckets import BucketLimit
 
@@ -65,7 +65,7 @@ def _bucket(raw: dict[str, Any]) -> BucketLimit:
 
 class RegistryCache:
     def __init__(
-        self, redis: aioredis.Redis, cmp: httpx.AsyncClient, cmp_token: str, *, timeout: float,
+        self, redis: AnyRedis, cmp: httpx.AsyncClient, cmp_token: str, *, timeout: float,
         max_entries: int = 100_000,
     ) -> None:
         self._redis = redis

@@ -2,6 +2,7 @@
 
     RateLimitError
     ├── LimiterUnavailable   Redis is down, timed out, loading, read-only or out of memory
+    │   └── LimiterRedirected  a Redis Cluster node sent the check to another node (MOVED, ASK)
     └── LimiterScriptError   Redis ran the bucket script and it failed (a bug, or foreign data
                              under a limiter key)
 
@@ -22,3 +23,16 @@ class LimiterUnavailable(RateLimitError):
 
 class LimiterScriptError(RateLimitError):
     """Redis answered the bucket script with an error."""
+
+
+class LimiterRedirected(LimiterUnavailable):
+    """A Redis Cluster node does not serve the check's slot and named the node that does: the
+    script did not run. `ask`: the slot is being migrated to that node (ASK), rather than moved
+    (MOVED). `ratelimit.cluster.ClusterLimiter` follows these; a limiter for one Redis cannot."""
+
+    def __init__(self, message: str, *, slot: int, host: str, port: int, ask: bool) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.host = host
+        self.port = port
+        self.ask = ask

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    MovedError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -31,7 +33,12 @@ from redis.exceptions import (
 )
 
 from ratelimit.buckets import BucketLimit, Decision, decide
-from ratelimit.errors import LimiterScriptError, LimiterUnavailable, RateLimitError
+from ratelimit.errors import (
+    LimiterRedirected,
+    LimiterScriptError,
+    LimiterUnavailable,
+    RateLimitError,
+)
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
 from ratelimit.pipe import PipeClosed, RedisAddress, RedisPipe, Replies
 from ratelimit.script import LOAD_COMMAND, encode_call, encode_limits
@@ -142,7 +149,7 @@ class BucketLimiter:
             if isinstance(reply, Exception):
                 raise reply
         except Exception as exc:
-            raise _translate(exc, self._timeout) from exc
+            raise translate_error(exc, self._timeout) from exc
 
     async def check(
         self,
@@ -306,7 +313,7 @@ class BucketLimiter:
             self._undecided -= len(batch.checks)
             if failure is not None:
                 for check in batch.checks:
-                    _fail(check, _translate(failure, self._timeout), failure)
+                    _fail(check, translate_error(failure, self._timeout), failure)
             else:
                 for check, reply in zip(batch.checks, batch.replies, strict=True):
                     _answer(check, reply, self._timeout)
@@ -343,7 +350,7 @@ class BucketLimiter:
             failed, self._pending = self._pending, []
             self._undecided -= len(failed)
             for check in failed:
-                _fail(check, _translate(exc, self._timeout), exc)
+                _fail(check, translate_error(exc, self._timeout), exc)
             raise
         finally:
             self._connecting = None
@@ -367,23 +374,27 @@ def _fail(check: _PendingCheck, error: RateLimitError, cause: BaseException | No
 def _answer(check: _PendingCheck, reply: Any, timeout: float) -> None:
     if check.future.done():  # cancelled while in flight: its tokens stay spent
         return
-    if isinstance(reply, Exception):
-        _fail(check, _translate(reply, timeout), reply)
-        return
     try:
-        allowed, tenant_level, key_level = reply
-        decision = decide(
-            allowed == 1,
-            float(tenant_level),
-            float(key_level),
-            check.tenant_limit,
-            check.key_limit,
-            check.cost,
-        )
-    except (TypeError, ValueError) as exc:
-        _fail(check, LimiterScriptError(f"unexpected script reply: {reply!r}"), exc)
+        decision = script_decision(reply, check.tenant_limit, check.key_limit, check.cost, timeout)
+    except RateLimitError as exc:
+        _fail(check, exc, exc.__cause__)
         return
     check.future.set_result(decision)
+
+
+def script_decision(
+    reply: Any, tenant_limit: BucketLimit, key_limit: BucketLimit, cost: float, timeout: float
+) -> Decision:
+    """The decision in the bucket script's reply; an error reply raises it as a RateLimitError."""
+    if isinstance(reply, Exception):
+        raise translate_error(reply, timeout) from reply
+    try:
+        allowed, tenant_level, key_level = reply
+        return decide(
+            allowed == 1, float(tenant_level), float(key_level), tenant_limit, key_limit, cost
+        )
+    except (TypeError, ValueError) as exc:
+        raise LimiterScriptError(f"unexpected script reply: {reply!r}") from exc
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -392,8 +403,16 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-def _translate(exc: BaseException, timeout: float) -> RateLimitError:
+def translate_error(exc: BaseException, timeout: float) -> RateLimitError:
     """A fresh error for each caller, in the limiter's own terms."""
+    if isinstance(exc, AskError):  # MOVED as well: a subclass
+        moved = isinstance(exc, MovedError)
+        return LimiterRedirected(
+            f"Redis Cluster {'moved' if moved else 'is migrating'} the bucket's slot "
+            f"{exc.slot_id} to {exc.host}:{exc.port}: a cluster of several shards needs a limiter "
+            "that routes by slot (ratelimit.cluster.ClusterLimiter)",
+            slot=exc.slot_id, host=exc.host, port=exc.port, ask=not moved,
+        )
     if isinstance(exc, _TRANSIENT_REFUSALS) or str(exc).startswith("BUSY"):
         return LimiterUnavailable(f"Redis cannot run the script now: {exc}")
     if isinstance(exc, ResponseError):

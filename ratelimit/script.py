@@ -75,3 +75,13 @@ def encode_limits(tenant_limit: BucketLimit, key_limit: BucketLimit, cost: float
 def encode_call(tenant_key: str, key_key: str, limits: bytes) -> bytes:
     """One EVALSHA of the bucket script in RESP, ready to be written to the socket."""
     return b"".join((_EVALSHA_HEAD, bulk(tenant_key.encode()), bulk(key_key.encode()), limits))
+
+
+def encode_eval(tenant_key: str, key_key: str, limits: bytes) -> bytes:
+    """The same call as EVAL with the script's text: for a node that may not have loaded it
+    (a Redis Cluster node importing a slot, asked once through ASKING)."""
+    script = BUCKETS_LUA.encode()
+    return b"".join((
+        b"*10\r\n$4\r\nEVAL\r\n", bulk(script), b"$1\r\n2\r\n",
+        bulk(tenant_key.encode()), bulk(key_key.encode()), limits,
+    ))

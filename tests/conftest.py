@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from devstack import services
 from devstack.procs import ManagedProcess, free_port
+from tests.redis_cluster import ThreeShards
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +157,20 @@ def stack(stack_dir: Path, open_dir: Path) -> Iterator[object]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster_service(stack_dir: Path) -> AsyncIterator[ThreeShards]:
+    cluster = ThreeShards(stack_dir / "redis-cluster")
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+@pytest.fixture
+async def redis_cluster(redis_cluster_service: ThreeShards) -> AsyncIterator[ThreeShards]:
+    """A Redis Cluster of three primaries, emptied and with its first slot layout, per test."""
+    await redis_cluster_service.reset()
+    yield redis_cluster_service

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,6 +24,7 @@ from cmp.errors import CmpError, InvalidInput, NotFound, TooLarge, Unavailable
 from cmp.identity import Caller, authenticate
 from cmp.ids import parse_id
 from cmp.provisioning import Provisioner
+from cmp.redis_clients import AnyRedis
 
 Auth = Literal["user", "public", "service", "webhook"]
 
@@ -35,7 +35,7 @@ class Services:
 
     config: CmpConfig
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: AnyRedis
     provisioner: Provisioner
     embeddings: EmbeddingsClient
 

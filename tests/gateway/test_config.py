@@ -28,6 +28,11 @@ def test_busy_polling_is_set_in_microseconds() -> None:
     assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_BUSY_POLL_US": "1000"}).busy_poll_s == 0.001
 
 
+def test_redis_is_one_server_unless_said_to_be_a_cluster() -> None:
+    assert not GatewayConfig.from_env(REQUIRED).redis_cluster
+    assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_REDIS_CLUSTER": "on"}).redis_cluster
+
+
 def test_the_loop_probe_is_on_when_it_names_a_file() -> None:
     config = GatewayConfig.from_env({**REQUIRED, "GATEWAY_LOOP_PROBE": "/tmp/probe"})
     assert config.loop_probe == Path("/tmp/probe")
@@ -61,6 +66,7 @@ def test_runs_start_ahead_of_the_limiter_unless_turned_off() -> None:
     ("GATEWAY_BUSY_POLL_US", "1e6", "GATEWAY_BUSY_POLL_US must be at most 100000, got '1e6'"),
     ("GATEWAY_BUSY_POLL_US", "-5", "GATEWAY_BUSY_POLL_US must be at least 0, got '-5'"),
     ("GATEWAY_WORKERS", "0", "GATEWAY_WORKERS must be at least 1, got '0'"),
+    ("GATEWAY_REDIS_CLUSTER", "true", "GATEWAY_REDIS_CLUSTER must be one of off, on, got 'true'"),
     ("GATEWAY_PORT", "70000", "GATEWAY_PORT must be at most 65535, got '70000'"),
     ("GATEWAY_DRAIN_TIMEOUT_S", "soon", "GATEWAY_DRAIN_TIMEOUT_S must be a number, got 'soon'"),
 ])

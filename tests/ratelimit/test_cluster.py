@@ -1,7 +1,10 @@
-"""On a Redis Cluster node, the two-key script runs without CROSSSLOT errors.
+"""The limiter on Redis Cluster.
 
 A one-node cluster (all 16384 slots on one server) enforces the same-slot rule for scripts,
-so a plain client can show both the rule and that the limiter's keys obey it.
+so a plain client can show both the rule and that the limiter's keys obey it. On a cluster of
+three shards (the `redis_cluster` fixture), ClusterLimiter sends each tenant's checks to the
+shard of its slot, stays exact there, and follows a slot that moves, or is being moved, with
+the tenant's buckets.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from redis.exceptions import ResponseError
 
 from devstack import services
 from devstack.procs import free_port
-from ratelimit import BucketLimit, BucketLimiter
+from ratelimit import BucketLimit, BucketLimiter, LimiterUnavailable
+from ratelimit.cluster import ClusterLimiter, tenant_slot
+from ratelimit.errors import LimiterRedirected
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
 from ratelimit.script import BUCKETS_LUA
 from tests.ratelimit.conftest import STILL, WIDE
+from tests.redis_cluster import RANGES, ThreeShards
 
 
 async def command(client: aioredis.Redis, *args: str | int) -> Any:
@@ -91,3 +97,126 @@ async def test_keys_without_a_shared_tag_are_refused_by_the_cluster(cluster_url:
             await client.eval(BUCKETS_LUA, 2, "rl:acme:t", "rl:acme:k:k1", 1, 10, 1, 10, 1)
     finally:
         await client.aclose()
+
+
+# --- three shards ------------------------------------------------------------------------------
+
+
+def tenant_on(shard_index: int, skip: int = 0) -> str:
+    """A tenant id whose slot is in the shard's first range (before any slot moved)."""
+    first, last = RANGES[shard_index]
+    found = (f"tenant-{n}" for n in range(100_000) if first <= tenant_slot(f"tenant-{n}") <= last)
+    for _ in range(skip):
+        next(found)
+    return next(found)
+
+
+async def spend(limiter: ClusterLimiter, tenant: str, count: int, limit: BucketLimit) -> int:
+    decisions = await asyncio.gather(
+        *(limiter.check(tenant, "k1", WIDE, limit) for _ in range(count))
+    )
+    return sum(d.allowed for d in decisions)
+
+
+async def bucket_holder(cluster: ThreeShards, tenant: str) -> list[int]:
+    """The ports of the shards that hold the tenant's bucket."""
+    name, slot = tenant_bucket_key(tenant), tenant_slot(tenant)
+    return [
+        shard.port for shard in cluster.shards
+        if name in await shard.command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+    ]
+
+
+async def test_each_shard_admits_exactly_the_burst_of_its_tenants(
+    redis_cluster: ThreeShards,
+) -> None:
+    tenants = [tenant_on(i, skip) for i in range(3) for skip in range(2)]
+    burst = BucketLimit(STILL, 20)
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        decisions = await asyncio.gather(
+            *(limiter.check(t, f"key{n % 3}", burst, WIDE) for n in range(60) for t in tenants)
+        )
+        assert limiter.nodes == sorted(("127.0.0.1", s.port) for s in redis_cluster.shards)
+    finally:
+        await limiter.aclose()
+    allowed = {t: 0 for t in tenants}
+    for n, decision in enumerate(decisions):
+        allowed[tenants[n % len(tenants)]] += decision.allowed
+    assert allowed == {t: 20 for t in tenants}
+    for i, tenant in enumerate(tenants):
+        owner = redis_cluster.shards[i // 2]
+        assert await owner.command("EXISTS", tenant_bucket_key(tenant)) == 1
+        assert await bucket_holder(redis_cluster, tenant) == [owner.port]
+    assert limiter.redirects == 0
+
+
+async def test_a_limiter_for_one_redis_names_the_redirect(redis_cluster: ThreeShards) -> None:
+    """Pointed at one node of a cluster, the single-Redis limiter refuses (the gateway answers
+    503) and says why, rather than counting anything."""
+    limiter = BucketLimiter.from_url(redis_cluster.url, timeout=2.0)
+    tenant = tenant_on(2)
+    try:
+        with pytest.raises(LimiterRedirected, match="ClusterLimiter") as caught:
+            await limiter.check(tenant, "k1", WIDE, WIDE)
+    finally:
+        await limiter.aclose()
+    assert caught.value.slot == tenant_slot(tenant)
+    assert caught.value.port == redis_cluster.shards[2].port
+    assert not caught.value.ask
+    assert await bucket_holder(redis_cluster, tenant) == []
+
+
+async def test_the_limiter_follows_a_moved_slot_with_its_buckets(
+    redis_cluster: ThreeShards,
+) -> None:
+    tenant, limit = tenant_on(0), BucketLimit(STILL, 10)
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        assert await spend(limiter, tenant, 4, limit) == 4
+        target = redis_cluster.shards[1]
+        await redis_cluster.move_slot(tenant_slot(tenant), target)
+        assert await bucket_holder(redis_cluster, tenant) == [target.port]
+        # The first check after the move is redirected (MOVED); the bucket's level came along.
+        assert await spend(limiter, tenant, 10, limit) == 6
+        assert limiter.redirects >= 1
+        redirects = limiter.redirects
+        assert await spend(limiter, tenant, 3, limit) == 0
+        assert limiter.redirects == redirects  # the map was read again: no more detours
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_check_during_a_migration_asks_the_target(redis_cluster: ThreeShards) -> None:
+    """Mid-resharding, the tenant's buckets already on the target: the source answers ASK, and
+    the check runs on the target once, after ASKING."""
+    tenant, limit = tenant_on(1), BucketLimit(STILL, 10)
+    slot, target = tenant_slot(tenant), redis_cluster.shards[2]
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        assert await spend(limiter, tenant, 3, limit) == 3
+        await redis_cluster.move_slot(slot, target, finish=False)
+        assert await bucket_holder(redis_cluster, tenant) == [target.port]
+        assert await spend(limiter, tenant, 4, limit) == 4
+        assert limiter.redirects == 4
+        assert await bucket_holder(redis_cluster, tenant) == [target.port]
+        await redis_cluster.move_slot(slot, target)  # the operator finishes the resharding
+        assert await spend(limiter, tenant, 5, limit) == 3
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_redis_that_is_not_a_cluster_is_named(redis_url: str) -> None:
+    limiter = ClusterLimiter.from_url(redis_url, timeout=2.0)
+    try:
+        with pytest.raises(LimiterUnavailable, match="slot map.*cluster support disabled"):
+            await limiter.check("acme", "k1", WIDE, WIDE)
+        with pytest.raises(LimiterUnavailable, match="slot map"):
+            await limiter.load_script()
+    finally:
+        await limiter.aclose()
+
+
+def test_a_cluster_url_must_name_database_0() -> None:
+    with pytest.raises(ValueError, match="database 0 only"):
+        ClusterLimiter.from_url("redis://127.0.0.1:7000/2")

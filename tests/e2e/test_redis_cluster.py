@@ -1,0 +1,112 @@
+"""The gateway and the CMP on a Redis Cluster of three shards (GATEWAY_REDIS_CLUSTER,
+CMP_REDIS_CLUSTER): registry entries and revocations the CMP's code writes reach a gateway
+worker through the cluster, and the worker's buckets live on the shard of each tenant's slot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from cmp import wire
+from cmp.apikeys import revoke_key
+from cmp.redis_clients import connect
+from cmp.registry import Limits
+from devstack.seed import create_tenant_agent
+from devstack.stack import Stack
+from ratelimit import BucketLimit
+from ratelimit.cluster import tenant_slot
+from ratelimit.keys import tenant_bucket_key
+from tests.e2e.conftest import SSE, auth, extra_gateway, sse_events
+from tests.redis_cluster import ThreeShards
+
+BURST = 3
+LIMITS = Limits(tenant=BucketLimit(1e-6, BURST), key=BucketLimit(1000, 1000))
+BODY = {"message": "hello"}
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: ThreeShards) -> AsyncIterator[aioredis.RedisCluster]:
+    client = connect(redis_cluster.url, cluster=True, timeout=2, connect_timeout=2)
+    assert isinstance(client, aioredis.RedisCluster)
+    yield client
+    await client.aclose()
+
+
+async def test_a_gateway_on_a_redis_cluster_limits_and_hears_revocations(
+    stack: Stack, db: asyncpg.Connection, redis_cluster: ThreeShards,
+    cluster_client: aioredis.RedisCluster,
+) -> None:
+    tenants = [
+        await create_tenant_agent(db, cluster_client, stack, name=f"Shop {n}",
+                                  origin=f"http://shop{n}.example", limits=LIMITS)
+        for n in range(3)
+    ]
+    for made in tenants:  # written through the cluster client, to the shard of each key
+        assert await cluster_client.get(wire.registry_key(made["agent_id"]))
+    env = {"GATEWAY_REDIS_URL": redis_cluster.url, "GATEWAY_REDIS_CLUSTER": "on"}
+    with extra_gateway(stack, "gateway-redis-cluster", env) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for made in tenants:
+                path = f"/v1/agents/{made['agent_id']}/chat"
+                headers = {**auth(made["secret_key"]), **SSE}
+                statuses = []
+                for _ in range(BURST + 2):
+                    response = await client.post(path, json=BODY, headers=headers)
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        events = sse_events(response.text)
+                        assert events[-1][0] == "end", response.text
+                assert statuses == [200] * BURST + [429] * 2, statuses
+                # The tenant's bucket is on the shard that serves its slot, and only there.
+                owner = await redis_cluster.owner(tenant_slot(made["tenant_id"]))
+                holders = [
+                    shard.port for shard in redis_cluster.shards
+                    if tenant_bucket_key(made["tenant_id"]) in await shard.command(
+                        "CLUSTER", "GETKEYSINSLOT", tenant_slot(made["tenant_id"]), 10)
+                ]
+                assert holders == [owner.port]
+
+            # A revocation published on the cluster reaches the worker's subscription.
+            made = tenants[0]
+            await revoke_key(db, cluster_client, tenant_id=made["tenant_id"],
+                             key_id=made["secret_key_id"])
+            assert made["secret_key_id"] in {
+                m.decode() for m in await cluster_client.smembers(wire.REVOKED_SET)
+            }
+            await asyncio.sleep(1.0)
+            refused = await client.post(f"/v1/agents/{made['agent_id']}/chat", json=BODY,
+                                        headers=auth(made["secret_key"]))
+            assert refused.status_code == 401, refused.text
+            assert "revoked" in refused.json()["error"]["message"]
+
+
+async def test_a_gateway_not_told_of_the_cluster_fails_closed_and_says_why(
+    stack: Stack, db: asyncpg.Connection, redis_cluster: ThreeShards,
+    cluster_client: aioredis.RedisCluster,
+) -> None:
+    """Pointed at a node of a cluster as if it were one Redis, a worker refuses chats whose
+    buckets live on another shard (503 and Retry-After) and its log names the redirection."""
+    made = [
+        await create_tenant_agent(db, cluster_client, stack, name=f"Shop {n}",
+                                  origin=f"http://shop{n}.example", limits=LIMITS)
+        for n in range(10)  # random ids: all ten on the first shard is one chance in 59,049
+    ]
+    elsewhere = [
+        m for m in made
+        if (await redis_cluster.owner(tenant_slot(m["tenant_id"]))) is not redis_cluster.shards[0]
+    ][0]
+    env = {"GATEWAY_REDIS_URL": redis_cluster.url, "GATEWAY_REDIS_CLUSTER": "off"}
+    with extra_gateway(stack, "gateway-redis-not-cluster", env) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            refused = await client.post(f"/v1/agents/{elsewhere['agent_id']}/chat", json=BODY,
+                                        headers=auth(elsewhere["secret_key"]))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"]
+    logged = (stack.root / "logs" / "gateway-redis-not-cluster.log").read_text()
+    assert "Redis Cluster moved the bucket's slot" in logged
+    assert "ClusterLimiter" in logged
