@@ -31,7 +31,7 @@ from gateway.reply import AsgiReply, Reply, reply_error
 from gateway.responses import Headers, Receive, Scope, Send, rate_limit_headers
 from ratelimit import Limiter
 from ratelimit.buckets import Decision
-from ratelimit.errors import RateLimitError
+from ratelimit.errors import LimiterRedirected, RateLimitError
 
 log = logging.getLogger("sitekit.gateway")
 # A limiter that fails (Redis down, a cluster that redirects) is logged at most this often.
@@ -151,7 +151,9 @@ class ChatEndpoint:
             now = time.monotonic()
             if now - self._limiter_logged_at >= LIMITER_LOG_INTERVAL_S:
                 self._limiter_logged_at = now
-                log.warning("the rate limiter cannot decide; chats get 503: %s", exc)
+                hint = (" (Redis is a cluster of several shards: set GATEWAY_REDIS_CLUSTER=on)"
+                        if isinstance(exc, LimiterRedirected) else "")
+                log.warning("the rate limiter cannot decide; chats get 503: %s%s", exc, hint)
         admitted = decision is not None and decision.allowed
         if self._forecast is not None:
             self._forecast.learn(key.tenant_id, key.key_id,

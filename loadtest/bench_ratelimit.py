@@ -3,8 +3,11 @@
 Starts its own redis-server on a free port (pinned to its own core), runs `--callers`
 concurrent callers for `--seconds` in each mode, and prints one JSON object: checks per second,
 latency, client CPU per check, Redis round trips per check and Redis's own time per script run.
+With `--cluster`, the same callers also go through ClusterLimiter to a Redis Cluster of three
+shards (all on the Redis core): what routing by slot costs the client per check.
 
     .venv/bin/python -m loadtest.bench_ratelimit [--callers 256] [--seconds 3] [--max-batch 64]
+        [--cluster]
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import redis.asyncio as aioredis  # noqa: E402
 import uvloop  # noqa: E402
 
 from devstack.procs import free_port  # noqa: E402
+from devstack.redis_cluster import ThreeShards  # noqa: E402
 from devstack.services import redis as redis_process  # noqa: E402
-from ratelimit import BucketLimit, BucketLimiter  # noqa: E402
+from ratelimit import BucketLimit, BucketLimiter, ClusterLimiter, Limiter  # noqa: E402
 from ratelimit.buckets import decide  # noqa: E402
 from ratelimit.keys import key_bucket_key, tenant_bucket_key  # noqa: E402
 from ratelimit.limiter import DEFAULT_MAX_BATCH  # noqa: E402
@@ -79,8 +83,12 @@ async def drive(check: Check, callers: int, seconds: float) -> dict[str, float]:
     }
 
 
-async def bench_batched(url: str, callers: int, seconds: float, max_batch: int) -> dict[str, Any]:
-    limiter = BucketLimiter.from_url(url, max_batch=max_batch)
+async def bench_batched(
+    url: str, callers: int, seconds: float, max_batch: int, *, cluster: bool = False
+) -> dict[str, Any]:
+    limiter: Limiter = (ClusterLimiter if cluster else BucketLimiter).from_url(
+        url, max_batch=max_batch
+    )
     await limiter.load_script()
 
     async def check(tenant: str, key: str) -> object:
@@ -132,7 +140,23 @@ async def with_server_cost(url: str, mode: Awaitable[dict[str, Any]]) -> dict[st
     return result
 
 
-async def main(callers: int, seconds: float, max_batch: int) -> dict[str, Any]:
+async def bench_cluster(callers: int, seconds: float, max_batch: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-ratelimit-cluster-") as data_dir:
+        cluster = ThreeShards(Path(data_dir))
+        try:
+            await cluster.start()
+            cores = sorted(os.sched_getaffinity(0))
+            for shard in cluster.shards:
+                if shard.process.popen is not None and len(cores) >= 2:
+                    os.sched_setaffinity(shard.process.popen.pid, {cores[1]})
+            result = await bench_batched(cluster.url, callers, seconds, max_batch, cluster=True)
+            result["shards"] = len(cluster.shards)
+            return result
+        finally:
+            await cluster.stop()
+
+
+async def main(callers: int, seconds: float, max_batch: int, cluster: bool) -> dict[str, Any]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-ratelimit-") as data_dir:
         server = redis_process(port, Path(data_dir))
@@ -145,6 +169,7 @@ async def main(callers: int, seconds: float, max_batch: int) -> dict[str, Any]:
             unbatched = await with_server_cost(url, bench_unbatched(url, callers, seconds))
         finally:
             server.stop()
+    on_cluster = await bench_cluster(callers, seconds, max_batch) if cluster else None
     return {
         "bench": "ratelimit",
         "callers": callers,
@@ -154,6 +179,7 @@ async def main(callers: int, seconds: float, max_batch: int) -> dict[str, Any]:
         "unbatched": unbatched,
         "speedup": round(batched["checks_per_second"] / unbatched["checks_per_second"], 2),
         "redis_round_trips_per_request": batched["round_trips_per_check"],
+        **({"cluster": on_cluster} if on_cluster else {}),
     }
 
 
@@ -162,5 +188,9 @@ if __name__ == "__main__":
     parser.add_argument("--callers", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--cluster", action="store_true",
+                        help="also through ClusterLimiter to a three-shard Redis Cluster")
     options = parser.parse_args()
-    print(json.dumps(uvloop.run(main(options.callers, options.seconds, options.max_batch))))
+    print(json.dumps(uvloop.run(
+        main(options.callers, options.seconds, options.max_batch, options.cluster)
+    )))

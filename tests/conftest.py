@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from devstack import services
 from devstack.procs import ManagedProcess, free_port
-from tests.redis_cluster import ThreeShards
+from devstack.redis_cluster import ThreeShards
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from cmp.app import _keep_redis_in_sync
 from cmp.config import CmpConfig
 from cmp.redis_clients import connect, synced_markers
 from cmp.registry import AgentInstance, publish_entry, save_instance
-from tests.redis_cluster import RANGES, Shard, ThreeShards
+from devstack.redis_cluster import RANGES, Shard, ThreeShards
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """One process of the multi-process exactness test.
 
     python -m tests.ratelimit.admit_worker URL CHECKS \
-        TENANT_RATE TENANT_BURST KEY_RATE KEY_BURST KEYS
+        TENANT_RATE TENANT_BURST KEY_RATE KEY_BURST KEYS [cluster]
 
 Prints "ready" once connected, reads a start time (Unix seconds) from stdin, and at that moment
 runs CHECKS checks from CALLERS concurrent callers over KEYS key ids of tenant "shared". Prints
@@ -17,13 +17,15 @@ import time
 
 import uvloop
 
-from ratelimit import BucketLimit, BucketLimiter
+from ratelimit import BucketLimit, BucketLimiter, ClusterLimiter, Limiter
 
 CALLERS = 32
 
 
-async def main(url: str, checks: int, tenant: BucketLimit, key: BucketLimit, keys: int) -> str:
-    limiter = BucketLimiter.from_url(url, timeout=5.0)
+async def main(
+    url: str, checks: int, tenant: BucketLimit, key: BucketLimit, keys: int, cluster: bool
+) -> str:
+    limiter: Limiter = (ClusterLimiter if cluster else BucketLimiter).from_url(url, timeout=5.0)
     await limiter.load_script()
     print("ready", flush=True)
     start = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
@@ -45,7 +47,8 @@ async def main(url: str, checks: int, tenant: BucketLimit, key: BucketLimit, key
 
 
 if __name__ == "__main__":
-    url, checks, tenant_rate, tenant_burst, key_rate, key_burst, keys = sys.argv[1:]
+    url, checks, tenant_rate, tenant_burst, key_rate, key_burst, keys = sys.argv[1:8]
+    cluster = sys.argv[8:] == ["cluster"]
     tenant = BucketLimit(rate=float(tenant_rate), burst=float(tenant_burst))
     key = BucketLimit(rate=float(key_rate), burst=float(key_burst))
-    print(uvloop.run(main(url, int(checks), tenant, key, int(keys))), flush=True)
+    print(uvloop.run(main(url, int(checks), tenant, key, int(keys), cluster)), flush=True)

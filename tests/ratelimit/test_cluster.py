@@ -20,13 +20,13 @@ from redis.exceptions import ResponseError
 
 from devstack import services
 from devstack.procs import free_port
+from devstack.redis_cluster import RANGES, ThreeShards
 from ratelimit import BucketLimit, BucketLimiter, LimiterUnavailable
 from ratelimit.cluster import ClusterLimiter, tenant_slot
 from ratelimit.errors import LimiterRedirected
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
 from ratelimit.script import BUCKETS_LUA
 from tests.ratelimit.conftest import STILL, WIDE
-from tests.redis_cluster import RANGES, ThreeShards
 
 
 async def command(client: aioredis.Redis, *args: str | int) -> Any:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.redis_cluster import ThreeShards
 from ratelimit import BucketLimit
+from ratelimit.cluster import tenant_slot
 from tests.ratelimit.conftest import STILL, WIDE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,13 +22,14 @@ CHECKS_PER_WORKER = 300
 
 
 async def run_workers(
-    redis_url: str, tenant: BucketLimit, key: BucketLimit, keys: int
+    redis_url: str, tenant: BucketLimit, key: BucketLimit, keys: int, *, cluster: bool = False
 ) -> list[tuple[int, float, float]]:
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.ratelimit.admit_worker",
             redis_url, str(CHECKS_PER_WORKER),
             str(tenant.rate), str(tenant.burst), str(key.rate), str(key.burst), str(keys),
+            *(["cluster"] if cluster else []),
             cwd=REPO,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -74,4 +77,16 @@ async def test_processes_together_admit_exactly_the_capacity(
     reports = await run_workers(redis_url, tenant, key, keys)
     assert sum(allowed for allowed, _, _ in reports) == capacity
     # The workers really raced: all were checking at one time.
+    assert max(started for _, started, _ in reports) < min(finished for _, _, finished in reports)
+
+
+async def test_processes_on_a_redis_cluster_admit_exactly_the_capacity(
+    redis_cluster: ThreeShards,
+) -> None:
+    """The same race through ClusterLimiter, on a cluster of three shards: the tenant's slot is
+    moved off the node the workers are given, so each finds its shard through the slot map."""
+    await redis_cluster.move_slot(tenant_slot("shared"), redis_cluster.shards[2])
+    key = BucketLimit(rate=10 * STILL, burst=773)
+    reports = await run_workers(redis_cluster.url, WIDE, key, 1, cluster=True)
+    assert sum(allowed for allowed, _, _ in reports) == 773
     assert max(started for _, started, _ in reports) < min(finished for _, _, finished in reports)

@@ -1,4 +1,4 @@
-"""A Redis Cluster of three primaries on loopback, for the tests of what runs on one.
+"""A Redis Cluster of three primaries on loopback, for the tests and benches of what runs on one.
 
 Each shard is a `redis-server` of the embedded stack with cluster mode on; the slots are split
 in three ranges as `redis-cli --cluster create` would. `move_slot` migrates a slot the way an
@@ -20,6 +20,7 @@ from devstack import services
 from devstack.procs import ManagedProcess, free_port
 
 RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
+AGREE_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -81,9 +82,9 @@ class ThreeShards:
             await shard.client.aclose()
             shard.process.stop()
 
-    async def wait_agreed(self, timeout: float = 20.0) -> None:
-        """Until every node reports the cluster ok and the same slot map."""
-        async with asyncio.timeout(timeout):
+    async def wait_agreed(self) -> None:
+        """Until every node reports the cluster ok and the same slot map (at most 20 s)."""
+        async with asyncio.timeout(AGREE_TIMEOUT_S):
             while True:
                 infos = [await shard.command("CLUSTER", "INFO") for shard in self.shards]
                 maps = [await self._slot_map(shard) for shard in self.shards]
