@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cmp.redis_clients import check_redis_url
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
@@ -70,10 +72,16 @@ class CmpConfig:
         if not 0 < backoff <= 60:
             raise ConfigError("CMP_PROVISION_BACKOFF_S must be a number of seconds above 0 and"
                               f" at most 60, got {raw_backoff!r}")
+        redis_url = env.get("CMP_REDIS_URL", "redis://127.0.0.1:6379/0")
+        redis_cluster = _switch(env, "CMP_REDIS_CLUSTER")
+        try:
+            check_redis_url(redis_url, cluster=redis_cluster)
+        except ValueError as exc:
+            raise ConfigError(f"CMP_REDIS_URL: {exc}") from None
         return cls(
             database_url=env["CMP_DATABASE_URL"],
-            redis_url=env.get("CMP_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            redis_cluster=_switch(env, "CMP_REDIS_CLUSTER"),
+            redis_url=redis_url,
+            redis_cluster=redis_cluster,
             issuer=env.get("CMP_ISSUER", "sitekit-cmp"),
             service_token=env["CMP_SERVICE_TOKEN"],
             host=env.get("CMP_HOST", "127.0.0.1"),

@@ -16,6 +16,7 @@ What differs on a cluster is written here, once for both sides:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 
@@ -25,9 +26,19 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.crc import key_slot
 
 from cmp import wire
+from ratelimit.cluster import check_cluster_address
+from ratelimit.pipe import RedisAddress
 
 AnyRedis = aioredis.Redis | aioredis.RedisCluster
 AnyPipeline = Pipeline | ClusterPipeline
+
+
+def check_redis_url(url: str, *, cluster: bool) -> None:
+    """A URL that redis-py cannot read (or whose TLS files cannot be), or that a cluster cannot
+    serve: ValueError naming why."""
+    address = RedisAddress.from_url(url)
+    if cluster:
+        check_cluster_address(address)
 
 
 def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float) -> AnyRedis:
@@ -67,6 +78,7 @@ async def synced_markers(redis: AnyRedis) -> list[str]:
     return [_marker_in(int(first), int(last)) for first, last in sorted(ranges)]
 
 
+@functools.lru_cache(maxsize=1024)  # read every second; ranges change only with resharding
 def _marker_in(first: int, last: int) -> str:
     """A marker key whose hash tag puts it in a slot of [first, last]."""
     for n in itertools.count():

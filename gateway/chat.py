@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.keys import KeyClaims
+from gateway.log_throttle import REDIS_CLUSTER_HINT, LogThrottle
 from gateway.metrics import GatewayMetrics
 from gateway.relay import ChatRequest, Relay
 from gateway.reply import AsgiReply, Reply, reply_error
@@ -34,8 +34,6 @@ from ratelimit.buckets import Decision
 from ratelimit.errors import LimiterRedirected, RateLimitError
 
 log = logging.getLogger("sitekit.gateway")
-# A limiter that fails (Redis down, a cluster that redirects) is logged at most this often.
-LIMITER_LOG_INTERVAL_S = 10.0
 
 _MAX_SESSION_ID = 128
 # Runs start ahead of their decision only while this worker has at most this many checks
@@ -66,7 +64,7 @@ class ChatEndpoint:
     ) -> None:
         self._gatekeeper = gatekeeper
         self._limiter = limiter
-        self._limiter_logged_at = -LIMITER_LOG_INTERVAL_S
+        self._limiter_failing = LogThrottle()
         self._relay = relay
         self._metrics = metrics
         self._busy_poll = busy_poll
@@ -148,11 +146,8 @@ class ChatEndpoint:
             decision: Decision | None = pending.result()
         except RateLimitError as exc:
             decision = None
-            now = time.monotonic()
-            if now - self._limiter_logged_at >= LIMITER_LOG_INTERVAL_S:
-                self._limiter_logged_at = now
-                hint = (" (Redis is a cluster of several shards: set GATEWAY_REDIS_CLUSTER=on)"
-                        if isinstance(exc, LimiterRedirected) else "")
+            if self._limiter_failing.due():
+                hint = f" ({REDIS_CLUSTER_HINT})" if isinstance(exc, LimiterRedirected) else ""
                 log.warning("the rate limiter cannot decide; chats get 503: %s%s", exc, hint)
         admitted = decision is not None and decision.allowed
         if self._forecast is not None:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmp.redis_clients import check_redis_url
+
 # The bundle `make` builds in this checkout; a deployment points GATEWAY_WIDGET_BUNDLE elsewhere.
 DEFAULT_WIDGET_BUNDLE = Path(__file__).resolve().parent.parent / "widget" / "dist" / "widget.js"
 
@@ -92,9 +94,15 @@ class GatewayConfig:
         if missing:
             raise ConfigError(f"missing setting(s): {', '.join(missing)}")
         jwks_url = env["GATEWAY_JWKS_URL"]
+        redis_url = env.get("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0")
+        redis_cluster = _choice(env, "GATEWAY_REDIS_CLUSTER", ("off", "on")) == "on"
+        try:
+            check_redis_url(redis_url, cluster=redis_cluster)
+        except ValueError as exc:
+            raise ConfigError(f"GATEWAY_REDIS_URL: {exc}") from None
         audit = env.get("GATEWAY_AUDIT_LOG", "")
         return cls(
-            redis_url=env.get("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_url=redis_url,
             kafka_bootstrap=env.get("GATEWAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             jwks_url=jwks_url,
             issuer=env.get("GATEWAY_ISSUER", "sitekit-cmp"),
@@ -118,5 +126,5 @@ class GatewayConfig:
             runtime_transport=_choice(env, "GATEWAY_RUNTIME_TRANSPORT", ("link", "http")),
             run_ahead=_choice(env, "GATEWAY_RUN_AHEAD", ("on", "off")) == "on",
             busy_poll_s=_number(env, "GATEWAY_BUSY_POLL_US", 0, maximum=100_000) / 1e6,
-            redis_cluster=_choice(env, "GATEWAY_REDIS_CLUSTER", ("off", "on")) == "on",
+            redis_cluster=redis_cluster,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,12 +16,10 @@ from redis.exceptions import AskError, RedisError
 from cmp import wire
 from cmp.redis_clients import AnyRedis
 from gateway.errors import Unavailable
+from gateway.log_throttle import REDIS_CLUSTER_HINT, LogThrottle
 from ratelimit.buckets import BucketLimit
 
 log = logging.getLogger("sitekit.gateway")
-# Registry reads that fail are logged at most this often (each chat gets its 503 anyway).
-LOG_INTERVAL_S = 10.0
-CLUSTER_HINT = "Redis is a cluster of several shards: set GATEWAY_REDIS_CLUSTER=on"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +77,7 @@ class RegistryCache:
         self._cmp = cmp
         self._cmp_headers = {"authorization": f"Bearer {cmp_token}"}
         self._timeout = timeout
-        self._logged_at = -LOG_INTERVAL_S
+        self._failing = LogThrottle()  # each chat gets its 503 anyway
         self._entries: dict[str, RegistryEntry | None] = {}
         self._inflight: dict[str, asyncio.Future[RegistryEntry | None]] = {}
         # Bumped by every invalidation; a fetch that raced one is not cached.
@@ -132,10 +129,8 @@ class RegistryCache:
                 self._redis.get(wire.registry_key(agent_id)), self._timeout
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            now = time.monotonic()
-            if now - self._logged_at >= LOG_INTERVAL_S:
-                self._logged_at = now
-                hint = f" ({CLUSTER_HINT})" if isinstance(exc, AskError) else ""
+            if self._failing.due():
+                hint = f" ({REDIS_CLUSTER_HINT})" if isinstance(exc, AskError) else ""
                 log.warning("cannot read the agent registry from Redis: %s: %s%s",
                             type(exc).__name__, exc, hint)
             raise Unavailable("the agent registry is unreachable") from exc

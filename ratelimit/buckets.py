@@ -43,6 +43,12 @@ class BucketLimit:
         return max(tokens - level, 0.0) / self.rate
 
 
+def check_cost(cost: float, tenant_limit: BucketLimit, key_limit: BucketLimit) -> None:
+    """A check's cost must be positive and fit in both buckets (else it could never pass)."""
+    if not 0 < cost <= min(tenant_limit.burst, key_limit.burst):
+        raise ValueError(f"cost must be positive and fit in both buckets: {cost}")
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Whether one request may go ahead, and what its RateLimit headers say."""

@@ -31,9 +31,9 @@ from typing import Any
 
 from redis.crc import key_slot
 
-from ratelimit.buckets import BucketLimit, Decision
+from ratelimit.buckets import BucketLimit, Decision, check_cost
 from ratelimit.errors import LimiterRedirected, LimiterUnavailable, RateLimitError
-from ratelimit.keys import key_bucket_key, tenant_bucket_key
+from ratelimit.keys import check_key_id, key_bucket_key, tenant_bucket_key
 from ratelimit.limiter import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_IN_FLIGHT,
@@ -65,6 +65,14 @@ class _Check:
     slot: int
 
 
+def check_cluster_address(address: RedisAddress) -> None:
+    """What a Redis Cluster's URL cannot name: ValueError, saying which part."""
+    if address.path is not None:
+        raise ValueError("a Redis Cluster is reached over TCP: the URL names a Unix socket")
+    if address.db:
+        raise ValueError(f"Redis Cluster has database 0 only: the URL names database {address.db}")
+
+
 def tenant_slot(tenant_id: str) -> int:
     """The cluster slot of a tenant's buckets (both keys hash their `{tenant}` tag only)."""
     return key_slot(tenant_bucket_key(tenant_id).encode())
@@ -81,10 +89,7 @@ class ClusterLimiter:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        if seed.path is not None:
-            raise ValueError("a Redis Cluster is reached over TCP: the URL names a Unix socket")
-        if seed.db:
-            raise ValueError(f"Redis Cluster has database 0 only: the URL names database {seed.db}")
+        check_cluster_address(seed)
         if timeout <= 0 or max_batch < 1 or max_in_flight < 1:
             raise ValueError("timeout, max_batch and max_in_flight must be positive")
         self._seed = seed
@@ -170,9 +175,9 @@ class ClusterLimiter:
     ) -> asyncio.Future[Decision]:
         """As `BucketLimiter.submit`: the future always completes, with the decision or a
         RateLimitError; a bad argument raises ValueError here."""
-        if not 0 < cost <= min(tenant_limit.burst, key_limit.burst):
-            raise ValueError(f"cost must be positive and fit in both buckets: {cost}")
-        key_bucket_key(tenant_id, key_id)  # the names' own checks (ValueError)
+        check_cost(cost, tenant_limit, key_limit)
+        slot = self._slot_of(tenant_id)  # a bad tenant id raises here (ValueError)
+        check_key_id(key_id)
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         if self._closed:
             future.set_exception(LimiterUnavailable("the limiter is closed"))
@@ -180,7 +185,7 @@ class ClusterLimiter:
         self._checks += 1
         self._undecided += 1
         future.add_done_callback(self._decided)
-        check = _Check(tenant_id, key_id, tenant_limit, key_limit, cost, self._slot_of(tenant_id))
+        check = _Check(tenant_id, key_id, tenant_limit, key_limit, cost, slot)
         owner = self._owners[check.slot]
         if owner is None:
             self._spawn(self._route(future, check))

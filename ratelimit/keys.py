@@ -22,7 +22,11 @@ def tenant_bucket_key(tenant_id: str) -> str:
     return f"{PREFIX}:{{{_checked_tenant(tenant_id)}}}:t"
 
 
-def key_bucket_key(tenant_id: str, key_id: str) -> str:
+def check_key_id(key_id: str) -> str:
     if not key_id:
         raise ValueError("key id must be non-empty")
-    return f"{PREFIX}:{{{_checked_tenant(tenant_id)}}}:k:{key_id}"
+    return key_id
+
+
+def key_bucket_key(tenant_id: str, key_id: str) -> str:
+    return f"{PREFIX}:{{{_checked_tenant(tenant_id)}}}:k:{check_key_id(key_id)}"

@@ -32,7 +32,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from ratelimit.buckets import BucketLimit, Decision, decide
+from ratelimit.buckets import BucketLimit, Decision, check_cost, decide
 from ratelimit.errors import (
     LimiterRedirected,
     LimiterScriptError,
@@ -174,8 +174,7 @@ class BucketLimiter:
         do other work while Redis answers. The future always completes: with the decision, or
         with a RateLimitError (a closed limiter, Redis failing or past the limiter's timeout).
         Only a cost that does not fit the buckets raises here: ValueError."""
-        if not 0 < cost <= min(tenant_limit.burst, key_limit.burst):
-            raise ValueError(f"cost must be positive and fit in both buckets: {cost}")
+        check_cost(cost, tenant_limit, key_limit)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
         if self._closed:

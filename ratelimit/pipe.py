@@ -67,9 +67,21 @@ class RedisAddress:
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         tls = None
         if url.startswith("rediss://"):
-            tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+            try:
+                tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+            except OSError as exc:
+                raise ValueError(
+                    f"ssl_ca_certs in the Redis URL cannot be read "
+                    f"({options.get('ssl_ca_certs')!r}): {exc.strerror or exc}"
+                ) from exc
             if options.get("ssl_certfile"):
-                tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+                try:
+                    tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+                except OSError as exc:
+                    raise ValueError(
+                        f"ssl_certfile or ssl_keyfile in the Redis URL cannot be read "
+                        f"({options['ssl_certfile']!r}): {exc.strerror or exc}"
+                    ) from exc
             reqs = str(options.get("ssl_cert_reqs") or "required").lower()
             if reqs not in ("none", "optional", "required"):
                 raise ValueError(f"ssl_cert_reqs in the Redis URL must be none, optional or "

@@ -174,3 +174,16 @@ async def redis_cluster(redis_cluster_service: ThreeShards) -> AsyncIterator[Thr
     """A Redis Cluster of three primaries, emptied and with its first slot layout, per test."""
     await redis_cluster_service.reset()
     yield redis_cluster_service
+
+
+@pytest.fixture
+async def redis_cluster_client(
+    redis_cluster: ThreeShards,
+) -> AsyncIterator[aioredis.RedisCluster]:
+    """redis-py's cluster client on `redis_cluster`, made as the gateway and the CMP make it."""
+    from cmp.redis_clients import connect
+
+    client = connect(redis_cluster.url, cluster=True, timeout=2, connect_timeout=2)
+    assert isinstance(client, aioredis.RedisCluster)
+    yield client
+    await client.aclose()

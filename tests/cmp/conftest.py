@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from cmp import identity
 from cmp.app import build_app
 from cmp.config import CmpConfig
+from cmp.registry import AgentInstance, save_instance
 
 SERVICE_TOKEN = "test-service-token"
 WEBHOOK_SECRET = "test-webhook-secret"
@@ -44,6 +45,21 @@ def runtime_target(request: pytest.FixtureRequest) -> RuntimeTarget:
     if not stack.process("runtime").running:
         stack.start_process("runtime")
     return RuntimeTarget(stack.runtime_url, stack.secrets.runtime_token)
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+async def make_agent(conn: asyncpg.Connection, tenant_id: str | None = None) -> AgentInstance:
+    return await save_instance(conn, AgentInstance(
+        agent_id=str(uuid.uuid4()), tenant_id=tenant_id or str(uuid.uuid4()), name="Helper",
+        runtime_url="http://127.0.0.1:9/", flow_id="demo", flow_version=1,
+        allowed_origins=("https://shop.example",),
+    ))
 
 
 @pytest.fixture

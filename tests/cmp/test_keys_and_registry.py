@@ -21,15 +21,9 @@ from cmp.errors import InvalidInput, NotFound
 from cmp.migrate import MigrationError, migrate
 from cmp.registry import AgentInstance, load_instance, publish_entry, republish_all, save_instance
 from cmp.signing import active_signing_key, jwks, retire_signing_key, rotate_signing_key
+from tests.cmp.conftest import make_agent
 
 ISSUER = "sitekit-test"
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture
@@ -37,14 +31,6 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-async def make_agent(conn: asyncpg.Connection, tenant_id: str | None = None) -> AgentInstance:
-    return await save_instance(conn, AgentInstance(
-        agent_id=str(uuid.uuid4()), tenant_id=tenant_id or str(uuid.uuid4()), name="Helper",
-        runtime_url="http://127.0.0.1:9/", flow_id="demo", flow_version=1,
-        allowed_origins=("https://shop.example",),
-    ))
 
 
 async def next_message(pubsub: aioredis.client.PubSub) -> str | None:

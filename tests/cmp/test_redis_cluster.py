@@ -4,8 +4,6 @@ its announcement, and getting back what a shard lost."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
@@ -17,32 +15,10 @@ from cmp import wire
 from cmp.apikeys import issue_key, revoke_key
 from cmp.app import _keep_redis_in_sync
 from cmp.config import CmpConfig
-from cmp.redis_clients import connect, synced_markers
-from cmp.registry import AgentInstance, publish_entry, save_instance
+from cmp.redis_clients import synced_markers
+from cmp.registry import AgentInstance, publish_entry
 from devstack.redis_cluster import RANGES, Shard, ThreeShards
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-async def cluster(redis_cluster: ThreeShards) -> AsyncIterator[aioredis.RedisCluster]:
-    client = connect(redis_cluster.url, cluster=True, timeout=2, connect_timeout=2)
-    assert isinstance(client, aioredis.RedisCluster)
-    yield client
-    await client.aclose()
-
-
-async def make_agent(conn: asyncpg.Connection) -> AgentInstance:
-    return await save_instance(conn, AgentInstance(
-        agent_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()), name="Helper",
-        runtime_url="http://127.0.0.1:9/", flow_id="demo", flow_version=1,
-        allowed_origins=("https://shop.example",),
-    ))
+from tests.cmp.conftest import make_agent
 
 
 def test_the_setting_is_named() -> None:
@@ -51,11 +27,15 @@ def test_the_setting_is_named() -> None:
     assert not CmpConfig.from_env(base).redis_cluster
     with pytest.raises(Exception, match="CMP_REDIS_CLUSTER must be on or off, got 'yes'"):
         CmpConfig.from_env({**base, "CMP_REDIS_CLUSTER": "yes"})
+    with pytest.raises(Exception, match="CMP_REDIS_URL: Redis Cluster has database 0 only"):
+        CmpConfig.from_env(
+            {**base, "CMP_REDIS_CLUSTER": "on", "CMP_REDIS_URL": "redis://127.0.0.1:7000/3"})
 
 
 async def test_an_entry_is_written_before_it_is_announced(
-    conn: asyncpg.Connection, cluster: aioredis.RedisCluster
+    conn: asyncpg.Connection, redis_cluster_client: aioredis.RedisCluster
 ) -> None:
+    cluster = redis_cluster_client
     agent = await make_agent(conn)
     pubsub = cluster.pubsub()
     await pubsub.subscribe(wire.REGISTRY_CHANNEL)
@@ -72,8 +52,9 @@ async def test_an_entry_is_written_before_it_is_announced(
 
 async def test_a_shard_that_lost_its_data_gets_it_back(
     conn: asyncpg.Connection, database_url: str, redis_cluster: ThreeShards,
-    cluster: aioredis.RedisCluster,
+    redis_cluster_client: aioredis.RedisCluster,
 ) -> None:
+    cluster = redis_cluster_client
     agents = [await make_agent(conn) for _ in range(9)]
     for agent in agents:
         await publish_entry(cluster, agent)

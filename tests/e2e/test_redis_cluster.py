@@ -5,17 +5,14 @@ worker through the cluster, and the worker's buckets live on the shard of each t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
-import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from cmp import wire
 from cmp.apikeys import revoke_key
-from cmp.redis_clients import connect
 from cmp.registry import Limits
 from devstack.redis_cluster import ThreeShards
 from devstack.seed import create_tenant_agent
@@ -30,25 +27,17 @@ LIMITS = Limits(tenant=BucketLimit(1e-6, BURST), key=BucketLimit(1000, 1000))
 BODY = {"message": "hello"}
 
 
-@pytest.fixture
-async def cluster_client(redis_cluster: ThreeShards) -> AsyncIterator[aioredis.RedisCluster]:
-    client = connect(redis_cluster.url, cluster=True, timeout=2, connect_timeout=2)
-    assert isinstance(client, aioredis.RedisCluster)
-    yield client
-    await client.aclose()
-
-
 async def test_a_gateway_on_a_redis_cluster_limits_and_hears_revocations(
     stack: Stack, db: asyncpg.Connection, redis_cluster: ThreeShards,
-    cluster_client: aioredis.RedisCluster,
+    redis_cluster_client: aioredis.RedisCluster,
 ) -> None:
     tenants = [
-        await create_tenant_agent(db, cluster_client, stack, name=f"Shop {n}",
+        await create_tenant_agent(db, redis_cluster_client, stack, name=f"Shop {n}",
                                   origin=f"http://shop{n}.example", limits=LIMITS)
         for n in range(3)
     ]
     for made in tenants:  # written through the cluster client, to the shard of each key
-        assert await cluster_client.get(wire.registry_key(made["agent_id"]))
+        assert await redis_cluster_client.get(wire.registry_key(made["agent_id"]))
     env = {"GATEWAY_REDIS_URL": redis_cluster.url, "GATEWAY_REDIS_CLUSTER": "on"}
     with extra_gateway(stack, "gateway-redis-cluster", env) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -74,10 +63,10 @@ async def test_a_gateway_on_a_redis_cluster_limits_and_hears_revocations(
 
             # A revocation published on the cluster reaches the worker's subscription.
             made = tenants[0]
-            await revoke_key(db, cluster_client, tenant_id=made["tenant_id"],
+            await revoke_key(db, redis_cluster_client, tenant_id=made["tenant_id"],
                              key_id=made["secret_key_id"])
             assert made["secret_key_id"] in {
-                m.decode() for m in await cluster_client.smembers(wire.REVOKED_SET)
+                m.decode() for m in await redis_cluster_client.smembers(wire.REVOKED_SET)
             }
             await asyncio.sleep(1.0)
             refused = await client.post(f"/v1/agents/{made['agent_id']}/chat", json=BODY,
@@ -88,13 +77,13 @@ async def test_a_gateway_on_a_redis_cluster_limits_and_hears_revocations(
 
 async def test_a_gateway_not_told_of_the_cluster_fails_closed_and_says_why(
     stack: Stack, db: asyncpg.Connection, redis_cluster: ThreeShards,
-    cluster_client: aioredis.RedisCluster,
+    redis_cluster_client: aioredis.RedisCluster,
 ) -> None:
     """Pointed at a node of a cluster as if it were one Redis, a worker refuses chats whose
     registry entry or buckets live on another shard (503 and Retry-After), and its log names
     the redirection and the setting."""
     made = [
-        await create_tenant_agent(db, cluster_client, stack, name=f"Shop {n}",
+        await create_tenant_agent(db, redis_cluster_client, stack, name=f"Shop {n}",
                                   origin=f"http://shop{n}.example", limits=LIMITS)
         for n in range(10)  # random ids: all ten wholly on the first shard is 1 in 3.5 billion
     ]

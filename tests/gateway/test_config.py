@@ -33,6 +33,25 @@ def test_redis_is_one_server_unless_said_to_be_a_cluster() -> None:
     assert GatewayConfig.from_env({**REQUIRED, "GATEWAY_REDIS_CLUSTER": "on"}).redis_cluster
 
 
+@pytest.mark.parametrize(("url", "cluster", "expected"), [
+    ("http://127.0.0.1:6379", "off", "GATEWAY_REDIS_URL: Redis URL must specify one of the "
+     "following schemes (redis://, rediss://, unix://)"),
+    ("redis://127.0.0.1:7000/2", "on",
+     "GATEWAY_REDIS_URL: Redis Cluster has database 0 only: the URL names database 2"),
+    ("unix:///run/redis.sock", "on",
+     "GATEWAY_REDIS_URL: a Redis Cluster is reached over TCP: the URL names a Unix socket"),
+    ("rediss://127.0.0.1?ssl_ca_certs=/missing/ca.pem", "off", "GATEWAY_REDIS_URL: ssl_ca_certs "
+     "in the Redis URL cannot be read ('/missing/ca.pem'): No such file or directory"),
+])
+def test_a_redis_url_the_worker_cannot_use_is_named_at_start(
+    url: str, cluster: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        GatewayConfig.from_env(
+            {**REQUIRED, "GATEWAY_REDIS_URL": url, "GATEWAY_REDIS_CLUSTER": cluster})
+    assert str(refused.value) == expected
+
+
 def test_the_loop_probe_is_on_when_it_names_a_file() -> None:
     config = GatewayConfig.from_env({**REQUIRED, "GATEWAY_LOOP_PROBE": "/tmp/probe"})
     assert config.loop_probe == Path("/tmp/probe")
