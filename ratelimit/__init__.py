@@ -3,6 +3,7 @@
 from ratelimit.buckets import Bucket, BucketLimit, Decision
 from ratelimit.cluster import ClusterLimiter
 from ratelimit.errors import (
+    LimiterMigrating,
     LimiterRedirected,
     LimiterScriptError,
     LimiterUnavailable,
@@ -20,6 +21,7 @@ __all__ = [
     "ClusterLimiter",
     "Decision",
     "Limiter",
+    "LimiterMigrating",
     "LimiterRedirected",
     "LimiterScriptError",
     "LimiterUnavailable",

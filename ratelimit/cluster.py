@@ -13,9 +13,13 @@ its redirection cannot spend tokens twice:
 - ASK (the slot is being migrated and the tenant's buckets are already on the target): the
   check goes once to the target, after ASKING, as EVAL with the script's text (the target
   may not have loaded it).
-A check follows at most two redirections; past that, and for TRYAGAIN (a tenant's two
-buckets split between the nodes mid-migration) or CLUSTERDOWN, it fails with
-LimiterUnavailable, as on a single Redis: the gateway answers 503 and the client retries.
+- TRYAGAIN (mid-migration, the tenant's two buckets split between the two nodes, or a new
+  key's bucket not yet on the target that already has the tenant's): the check waits for the
+  rest of the slot's keys to move, and is sent again after 2, 4, 8... ms, for at most
+  MIGRATION_WAIT_S in all; past that it fails with LimiterMigrating.
+A check follows at most two redirections per attempt; past that, and for CLUSTERDOWN or a node
+that does not answer, it fails with LimiterUnavailable, as on a single Redis: the gateway
+answers 503 and the client retries.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from typing import Any
 from redis.crc import key_slot
 
 from ratelimit.buckets import BucketLimit, Decision, check_cost
-from ratelimit.errors import LimiterRedirected, LimiterUnavailable, RateLimitError
+from ratelimit.errors import (
+    LimiterMigrating,
+    LimiterRedirected,
+    LimiterUnavailable,
+    RateLimitError,
+)
 from ratelimit.keys import check_key_id, key_bucket_key, tenant_bucket_key
 from ratelimit.limiter import (
     DEFAULT_MAX_BATCH,
@@ -49,6 +58,11 @@ SLOTS = 16384
 MAX_REDIRECTS = 2
 # After a node failed (a failover may have moved its slots), how soon the map may be read again.
 REFRESH_INTERVAL_S = 0.5
+# TRYAGAIN: the first wait before a check is sent again, and the most it waits in all. Tools
+# migrate a slot's keys in batches of ten to a hundred, so a tenant's buckets are split for
+# milliseconds; a bigger slot, or a migration left half done, ends in a 503.
+MIGRATION_FIRST_WAIT_S = 0.002
+MIGRATION_WAIT_S = 0.25
 _CLUSTER_SLOTS = encode_command(b"CLUSTER", b"SLOTS")
 _ASKING = encode_command(b"ASKING")
 
@@ -107,6 +121,7 @@ class ClusterLimiter:
         self._undecided = 0
         self._own_round_trips = 0  # slot map reads and ASK calls
         self._redirects = 0
+        self._migration_waits = 0
 
     @classmethod
     def from_url(
@@ -143,6 +158,11 @@ class ClusterLimiter:
     def redirects(self) -> int:
         """Checks sent again after a MOVED or ASK reply."""
         return self._redirects
+
+    @property
+    def migration_waits(self) -> int:
+        """Checks sent again after a TRYAGAIN reply."""
+        return self._migration_waits
 
     @property
     def nodes(self) -> list[Node]:
@@ -188,9 +208,9 @@ class ClusterLimiter:
         check = _Check(tenant_id, key_id, tenant_limit, key_limit, cost, slot)
         owner = self._owners[check.slot]
         if owner is None:
-            self._spawn(self._route(future, check))
+            self._spawn(self._route(future, check, waited=0.0))
         else:
-            self._send(future, check, owner, redirects=0)
+            self._send(future, check, owner, redirects=0, waited=0.0)
         return future
 
     async def aclose(self) -> None:
@@ -203,17 +223,21 @@ class ClusterLimiter:
     # --- routing ---------------------------------------------------------------------------
 
     def _send(
-        self, future: asyncio.Future[Decision], check: _Check, owner: Node, *, redirects: int
+        self, future: asyncio.Future[Decision], check: _Check, owner: Node, *, redirects: int,
+        waited: float,
     ) -> None:
+        """`waited`: how long the check has already waited for migrations (TRYAGAIN)."""
         inner = self._node(owner).submit(
             check.tenant_id, check.key_id, check.tenant_limit, check.key_limit, check.cost
         )
-        inner.add_done_callback(functools.partial(self._answered, future, check, redirects))
+        inner.add_done_callback(
+            functools.partial(self._answered, future, check, redirects, waited)
+        )
         # A caller that gives up before the check is written spends no tokens (BucketLimiter).
         future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
 
     def _answered(
-        self, future: asyncio.Future[Decision], check: _Check, redirects: int,
+        self, future: asyncio.Future[Decision], check: _Check, redirects: int, waited: float,
         inner: asyncio.Future[Decision],
     ) -> None:
         if future.done():
@@ -227,13 +251,17 @@ class ClusterLimiter:
             return
         if isinstance(error, LimiterRedirected) and redirects < MAX_REDIRECTS and not self._closed:
             self._redirects += 1
-            self._spawn(self._follow(future, check, error, redirects + 1))
+            self._spawn(self._follow(future, check, error, redirects + 1, waited))
+            return
+        if isinstance(error, LimiterMigrating) and self._wait_for_migration(future, check, waited):
             return
         if isinstance(error, LimiterUnavailable):
             self._refresh_soon()  # a node that fails may have been replaced by a replica
         future.set_exception(error)
 
-    async def _route(self, future: asyncio.Future[Decision], check: _Check) -> None:
+    async def _route(
+        self, future: asyncio.Future[Decision], check: _Check, *, waited: float
+    ) -> None:
         """A check whose slot has no known owner yet: read the map first."""
         try:
             await self._refresh_now()
@@ -244,25 +272,29 @@ class ClusterLimiter:
                     f"{check.tenant_id!r}): the cluster is being set up or lost a shard"
                 )
             if not future.done():
-                self._send(future, check, owner, redirects=0)
+                self._send(future, check, owner, redirects=0, waited=waited)
         except RateLimitError as exc:
             if not future.done():
                 future.set_exception(exc)
 
     async def _follow(
         self, future: asyncio.Future[Decision], check: _Check, redirect: LimiterRedirected,
-        redirects: int,
+        redirects: int, waited: float,
     ) -> None:
         target = (redirect.host, redirect.port)
         if not redirect.ask:
             self._owners[redirect.slot] = target
             self._refresh_soon(force=True)  # the rest of a resharding or failover, at once
             if not future.done():
-                self._send(future, check, target, redirects=redirects)
+                self._send(future, check, target, redirects=redirects, waited=waited)
             return
         try:
             decision = await self._ask(target, check)
         except RateLimitError as exc:
+            if isinstance(exc, LimiterMigrating) and self._wait_for_migration(
+                future, check, waited
+            ):
+                return
             if not future.done():
                 future.set_exception(exc)
             return
@@ -291,6 +323,33 @@ class ClusterLimiter:
         return script_decision(
             reply, check.tenant_limit, check.key_limit, check.cost, self._timeout
         )
+
+    def _wait_for_migration(
+        self, future: asyncio.Future[Decision], check: _Check, waited: float
+    ) -> bool:
+        """After TRYAGAIN: send the check again later (True), unless it has waited
+        MIGRATION_WAIT_S already, or the limiter is closing (False: it fails now)."""
+        delay = min(waited + MIGRATION_FIRST_WAIT_S, MIGRATION_WAIT_S - waited)
+        if delay <= 0 or self._closed or future.done():
+            return False
+        self._migration_waits += 1
+        self._spawn(self._again(future, check, delay, waited + delay))
+        return True
+
+    async def _again(
+        self, future: asyncio.Future[Decision], check: _Check, delay: float, waited: float
+    ) -> None:
+        await asyncio.sleep(delay)
+        if future.done():
+            return
+        if self._closed:
+            future.set_exception(LimiterUnavailable("the limiter is closed"))
+            return
+        owner = self._owners[check.slot]
+        if owner is None:
+            await self._route(future, check, waited=waited)
+        else:
+            self._send(future, check, owner, redirects=0, waited=waited)
 
     # --- the slot map ----------------------------------------------------------------------
 

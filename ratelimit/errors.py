@@ -2,7 +2,9 @@
 
     RateLimitError
     ├── LimiterUnavailable   Redis is down, timed out, loading, read-only or out of memory
-    │   └── LimiterRedirected  a Redis Cluster node sent the check to another node (MOVED, ASK)
+    │   ├── LimiterRedirected  a Redis Cluster node sent the check to another node (MOVED, ASK)
+    │   └── LimiterMigrating   a Redis Cluster node has only some of the check's keys: their
+    │                          slot is being migrated (TRYAGAIN)
     └── LimiterScriptError   Redis ran the bucket script and it failed (a bug, or foreign data
                              under a limiter key)
 
@@ -36,3 +38,9 @@ class LimiterRedirected(LimiterUnavailable):
         self.host = host
         self.port = port
         self.ask = ask
+
+
+class LimiterMigrating(LimiterUnavailable):
+    """A Redis Cluster node holds only some of the check's keys, their slot being migrated
+    between two nodes (TRYAGAIN): the script did not run, and will once the rest of the slot's
+    keys have moved. `ratelimit.cluster.ClusterLimiter` waits for that, within a bound."""

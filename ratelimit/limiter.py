@@ -34,6 +34,7 @@ from redis.exceptions import (
 
 from ratelimit.buckets import BucketLimit, Decision, check_cost, decide
 from ratelimit.errors import (
+    LimiterMigrating,
     LimiterRedirected,
     LimiterScriptError,
     LimiterUnavailable,
@@ -50,8 +51,9 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_IN_FLIGHT = 8
 
 # Error replies that describe the server's state, not the script: out of memory, a replica
-# after failover, a cluster resharding. BUSY (another script hogging Redis) has no class.
-_TRANSIENT_REFUSALS = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError)
+# after failover, a cluster without a quorum. BUSY (another script hogging Redis) has no class;
+# TRYAGAIN (a slot half migrated) is told apart (LimiterMigrating).
+_TRANSIENT_REFUSALS = (OutOfMemoryError, ReadOnlyError, ClusterDownError)
 
 
 @dataclass(slots=True)
@@ -411,6 +413,11 @@ def translate_error(exc: BaseException, timeout: float) -> RateLimitError:
             f"{exc.slot_id} to {exc.host}:{exc.port}: a cluster of several shards needs a limiter "
             "that routes by slot (ratelimit.cluster.ClusterLimiter)",
             slot=exc.slot_id, host=exc.host, port=exc.port, ask=not moved,
+        )
+    if isinstance(exc, TryAgainError):
+        return LimiterMigrating(
+            f"Redis Cluster is migrating the bucket's slot and has moved only some of its "
+            f"keys: {exc}"
         )
     if isinstance(exc, _TRANSIENT_REFUSALS) or str(exc).startswith("BUSY"):
         return LimiterUnavailable(f"Redis cannot run the script now: {exc}")

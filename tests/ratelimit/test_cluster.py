@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +21,9 @@ from redis.exceptions import ResponseError
 
 from devstack import services
 from devstack.procs import free_port
-from devstack.redis_cluster import RANGES, ThreeShards
-from ratelimit import BucketLimit, BucketLimiter, LimiterUnavailable
-from ratelimit.cluster import ClusterLimiter, tenant_slot
+from devstack.redis_cluster import RANGES, Shard, ThreeShards
+from ratelimit import BucketLimit, BucketLimiter, LimiterMigrating, LimiterUnavailable
+from ratelimit.cluster import MIGRATION_WAIT_S, ClusterLimiter, tenant_slot
 from ratelimit.errors import LimiterRedirected
 from ratelimit.keys import key_bucket_key, tenant_bucket_key
 from ratelimit.script import BUCKETS_LUA
@@ -204,6 +205,101 @@ async def test_a_check_during_a_migration_asks_the_target(redis_cluster: ThreeSh
         assert await spend(limiter, tenant, 5, limit) == 3
     finally:
         await limiter.aclose()
+
+
+async def split_buckets(cluster: ThreeShards, tenant: str, target: Shard) -> Shard:
+    """Start migrating the tenant's slot to `target` and move only the tenant's bucket: its
+    key buckets stay behind (what a tool moving keys in batches leaves for a moment)."""
+    slot = tenant_slot(tenant)
+    source = await cluster.owner(slot)
+    await cluster.move_slot(slot, target, keys=False, finish=False)
+    await source.command(
+        "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", tenant_bucket_key(tenant)
+    )
+    return source
+
+
+async def refused_by_migration(limiter: ClusterLimiter, times: int) -> None:
+    """Until the limiter has waited `times` times for a migration (TRYAGAIN)."""
+    async with asyncio.timeout(2):
+        while limiter.migration_waits < times:
+            await asyncio.sleep(0.001)
+
+
+async def level(shard: Shard, key: str) -> float:
+    return round(float(await shard.command("HGET", key, "tokens")), 3)
+
+
+async def test_a_check_waits_while_its_buckets_are_split_by_a_migration(
+    redis_cluster: ThreeShards,
+) -> None:
+    """Mid-migration, the tenant's bucket on the target and its key's still on the source:
+    both nodes answer TRYAGAIN. The check waits until the key's bucket has moved too, then runs
+    once, on the target, with both buckets' levels carried over."""
+    tenant, limit = tenant_on(0), BucketLimit(STILL, 10)
+    target = redis_cluster.shards[1]
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        assert await spend(limiter, tenant, 3, limit) == 3
+        source = await split_buckets(redis_cluster, tenant, target)
+        check = asyncio.ensure_future(limiter.check(tenant, "k1", WIDE, limit))
+        await refused_by_migration(limiter, 2)  # refused, and waited, twice
+        assert not check.done()
+        await redis_cluster.move_keys(tenant_slot(tenant), source, target)
+        decision = await check
+    finally:
+        await limiter.aclose()
+    assert decision.allowed
+    assert decision.remaining == 6
+    assert await source.command("CLUSTER", "COUNTKEYSINSLOT", tenant_slot(tenant)) == 0
+    await redis_cluster.move_slot(tenant_slot(tenant), target)  # the migration ends
+    assert await level(target, key_bucket_key(tenant, "k1")) == 6.0  # spent once, there
+
+
+async def test_a_new_key_of_a_tenant_that_moved_waits_for_the_migration_to_end(
+    redis_cluster: ThreeShards,
+) -> None:
+    """The tenant's bucket already on the target, a key never used: its bucket is on neither
+    node, so the target refuses it (TRYAGAIN) until the slot is handed over."""
+    tenant, limit = tenant_on(2), BucketLimit(STILL, 10)
+    target = redis_cluster.shards[0]
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        assert await spend(limiter, tenant, 2, limit) == 2
+        await redis_cluster.move_slot(tenant_slot(tenant), target, finish=False)
+        check = asyncio.ensure_future(limiter.check(tenant, "a-new-key", WIDE, limit))
+        await refused_by_migration(limiter, 1)
+        await redis_cluster.move_slot(tenant_slot(tenant), target)  # the migration ends
+        decision = await check
+    finally:
+        await limiter.aclose()
+    assert decision.allowed
+    assert decision.remaining == 9
+    assert await level(target, key_bucket_key(tenant, "a-new-key")) == 9.0
+
+
+async def test_a_migration_that_does_not_end_fails_the_check_and_spends_nothing(
+    redis_cluster: ThreeShards,
+) -> None:
+    """Buckets left split: the check is refused for MIGRATION_WAIT_S in all (the gateway then
+    answers 503), and neither node ran the script."""
+    tenant, limit = tenant_on(1), BucketLimit(STILL, 10)
+    target = redis_cluster.shards[2]
+    limiter = ClusterLimiter.from_url(redis_cluster.url, timeout=2.0)
+    try:
+        assert await spend(limiter, tenant, 1, limit) == 1
+        source = await split_buckets(redis_cluster, tenant, target)
+        started = time.monotonic()
+        with pytest.raises(LimiterMigrating, match="migrating the bucket's slot"):
+            await limiter.check(tenant, "k1", WIDE, limit)
+        waited = time.monotonic() - started
+        assert limiter.migration_waits == 7  # 2 + 4 + ... + 64 ms, then the 124 ms left
+    finally:
+        await limiter.aclose()
+    assert MIGRATION_WAIT_S <= waited < MIGRATION_WAIT_S + 1.0
+    assert await level(source, key_bucket_key(tenant, "k1")) == 9.0  # not spent there
+    await redis_cluster.move_slot(tenant_slot(tenant), target)  # the migration ends
+    assert await level(target, key_bucket_key(tenant, "k1")) == 9.0  # nor on the target
 
 
 async def test_a_redis_that_is_not_a_cluster_is_named(redis_url: str) -> None:
