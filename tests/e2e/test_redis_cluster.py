@@ -104,3 +104,33 @@ async def test_a_gateway_not_told_of_the_cluster_fails_closed_and_says_why(
     logged = (stack.root / "logs" / "gateway-redis-not-cluster.log").read_text()
     assert "MovedError" in logged or "moved the bucket's slot" in logged, logged
     assert "set GATEWAY_REDIS_CLUSTER=on" in logged, logged
+
+
+async def test_a_chat_during_a_resharding_waits_for_its_buckets_instead_of_failing(
+    stack: Stack, db: asyncpg.Connection, redis_cluster: ThreeShards,
+    redis_cluster_client: aioredis.RedisCluster,
+) -> None:
+    """Mid-migration, the tenant's bucket moved and its key's not yet (both nodes answer
+    TRYAGAIN): the chat waits for the rest of the slot's keys, then streams its answer."""
+    made = await create_tenant_agent(db, redis_cluster_client, stack, name="Shop",
+                                     origin="http://shop.example", limits=LIMITS)
+    path, headers = f"/v1/agents/{made['agent_id']}/chat", {**auth(made["secret_key"]), **SSE}
+    slot = tenant_slot(made["tenant_id"])
+    env = {"GATEWAY_REDIS_URL": redis_cluster.url, "GATEWAY_REDIS_CLUSTER": "on"}
+    with extra_gateway(stack, "gateway-redis-resharding", env) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            first = await client.post(path, json=BODY, headers=headers)
+            assert first.status_code == 200, first.text  # both buckets exist now
+            source = await redis_cluster.owner(slot)
+            target = next(s for s in redis_cluster.shards if s is not source)
+            await redis_cluster.move_slot(slot, target, keys=False, finish=False)
+            await source.command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS",
+                                 tenant_bucket_key(made["tenant_id"]))
+            chat = asyncio.ensure_future(client.post(path, json=BODY, headers=headers))
+            await asyncio.sleep(0.05)  # refused meanwhile: the buckets are split
+            assert not chat.done()
+            await redis_cluster.move_slot(slot, target)  # the rest moves, the slot is handed over
+            answered = await chat
+    assert answered.status_code == 200, answered.text
+    assert sse_events(answered.text)[-1][0] == "end"
+    assert answered.headers["ratelimit-remaining"] == str(BURST - 2)
