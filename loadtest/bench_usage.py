@@ -5,7 +5,10 @@ Measures, on one event loop (uvloop) as in a gateway worker:
 - `delivered_per_s`: events emitted as fast as possible and acknowledged by Kafka, per second;
 - `cpu_us_per_event`: this process's CPU per event for the whole pipeline (encode, spool write,
   fsync thread, Kafka batches), i.e. what a worker pays per request; Tansu's CPU not counted;
-- the same CPU with Kafka unreachable (everything goes to the spool only).
+- the same CPU with Kafka unreachable (everything goes to the spool only);
+- `segment_roll_ms`: what the event loop pays when the spool's segment is full, for the next
+  segment and the first record written into it (`spool.SegmentWriter.roll` and `append`),
+  against `append_us`, any other record's copy.
 
     .venv/bin/python -m loadtest.bench_usage [--events 100000]
 """
@@ -30,6 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from devstack.procs import free_port  # noqa: E402
 from devstack.services import kafka  # noqa: E402
 from gateway.ids import uuid7  # noqa: E402
+from gateway.spool import SegmentWriter, encode_record  # noqa: E402
 from gateway.usage import UsageEmitter, UsageRecord  # noqa: E402
 
 TENANTS = 64
@@ -71,6 +75,37 @@ async def run(emitter: UsageEmitter, batch: list[UsageRecord], *, acked: bool) -
     }
 
 
+def segment_rolls(directory: Path, rolls: int = 20) -> dict[str, Any]:
+    """Fill `rolls` segments of the default size with ~420-byte records, timing each append
+    and each roll together with the first append after it."""
+    frame = encode_record(b"tenant-0001", bytes(410))
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = SegmentWriter(directory, "bench.1.roll")
+    writer.open()
+    appends: list[float] = []
+    rolled: list[float] = []
+    try:
+        while len(rolled) < rolls:
+            started = time.perf_counter()
+            if writer.fits(len(frame)):
+                writer.append(frame)
+                appends.append(time.perf_counter() - started)
+            else:
+                writer.roll(len(frame))
+                writer.append(frame)
+                rolled.append(time.perf_counter() - started)
+    finally:
+        writer.close()
+    appends.sort()
+    rolled.sort()
+    return {
+        "segment_roll_ms": {"median": round(rolled[len(rolled) // 2] * 1e3, 3),
+                            "max": round(rolled[-1] * 1e3, 3), "rolls": rolls},
+        "append_us": {"median": round(appends[len(appends) // 2] * 1e6, 2),
+                      "p99": round(appends[int(len(appends) * 0.99)] * 1e6, 2)},
+    }
+
+
 async def main(events: int) -> dict[str, Any]:
     build_started = time.perf_counter()
     batch = records(events)
@@ -98,6 +133,7 @@ async def main(events: int) -> dict[str, Any]:
                 records(events), acked=False)
         finally:
             broker.stop()
+        spool = segment_rolls(Path(scratch) / "rolls")
     return {
         "bench": "usage_emitter",
         "events": events,
@@ -107,6 +143,7 @@ async def main(events: int) -> dict[str, Any]:
         "cpu_us_per_event": live["cpu_us_per_event"],
         "spool_only_per_s": down["per_s"],
         "spool_only_cpu_us_per_event": down["cpu_us_per_event"],
+        **spool,
         "broker": "tansu 0.6.0 (memory engine), acks=all",
     }
 
