@@ -249,8 +249,7 @@ def server_summary(found: dict[str, Any]) -> dict[str, Any]:
         **{k: overhead.get(k) for k in OVERHEAD_KEYS},
         # Each round's own overhead, of which the two above are the medians: how far apart
         # the rounds of one run land says how much the machine moved under them.
-        **{f"overhead_{p}_rounds_ms": rounds_overhead(overhead.get("runs", []), p)
-           for p in ("p50", "p99")},
+        **{k: overhead.get(k) for k in ("overhead_p50_rounds_ms", "overhead_p99_rounds_ms")},
         "gateway_answered_per_s": overhead.get("gateway_answered_per_s"),
         "overhead_worker_cpu_share": overhead.get("worker_cpu_share"),
         "overhead_worker_cpu_us_per_request": overhead.get("worker_cpu_us_per_request"),
@@ -275,16 +274,6 @@ def server_summary(found: dict[str, Any]) -> dict[str, Any]:
         "redis_calls_per_request": best.get("redis_calls_per_request"),
         "checks": found.get("checks"),
     }
-
-
-def rounds_overhead(runs: list[dict[str, Any]], which: str) -> list[float | None]:
-    """Per round, the server's latency percentile `which` less the direct call's."""
-    found: list[float | None] = []
-    for run in runs:
-        server = next(name for name in run if name not in ("direct", "relay"))
-        gateway, direct = (run[name]["latency"][f"{which}_ms"] for name in (server, "direct"))
-        found.append(round(gateway - direct, 3) if gateway and direct else None)
-    return found
 
 
 def phase_errors(server: str, found: dict[str, Any]) -> list[str]:

@@ -190,8 +190,12 @@ def _medians(runs: list[dict[str, dict[str, Any]]], server: str) -> dict[str, An
             for name, label in (("direct", "direct"), ("relay", "relay"), (server, "gateway")):
                 found[f"{label}_{which}{suffix}_ms"] = _median([v for v in values[name] if v])
             for base, label in (("direct", "overhead"), ("relay", "overhead_beyond_one_hop")):
-                found[f"{label}_{which}{suffix}_ms"] = _median([
-                    g - b for b, g in zip(values[base], values[server], strict=True) if b and g])
+                rounds = [g - b if b and g else None
+                          for b, g in zip(values[base], values[server], strict=True)]
+                found[f"{label}_{which}{suffix}_ms"] = _median([r for r in rounds if r is not None])
+                if label == "overhead" and not suffix:  # each round's, beside their median
+                    found[f"overhead_{which}_rounds_ms"] = [
+                        None if r is None else round(r, 3) for r in rounds]
     found["gateway_answered_per_s"] = _median([run[server]["rps"] for run in runs])
     # How busy the worker was at this rate: the tail is queueing behind whatever delays it.
     for key in ("worker_cpu_share", "worker_cpu_us_per_request"):

@@ -69,7 +69,7 @@ _ASKING = encode_command(b"ASKING")
 Node = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Check:
     tenant_id: str
     key_id: str
@@ -77,6 +77,7 @@ class _Check:
     key_limit: BucketLimit
     cost: float
     slot: int
+    waited: float = 0.0  # how long it has waited for migrations (TRYAGAIN) so far
 
 
 def check_cluster_address(address: RedisAddress) -> None:
@@ -205,12 +206,7 @@ class ClusterLimiter:
         self._checks += 1
         self._undecided += 1
         future.add_done_callback(self._decided)
-        check = _Check(tenant_id, key_id, tenant_limit, key_limit, cost, slot)
-        owner = self._owners[check.slot]
-        if owner is None:
-            self._spawn(self._route(future, check, waited=0.0))
-        else:
-            self._send(future, check, owner, redirects=0, waited=0.0)
+        self._dispatch(future, _Check(tenant_id, key_id, tenant_limit, key_limit, cost, slot))
         return future
 
     async def aclose(self) -> None:
@@ -222,22 +218,26 @@ class ClusterLimiter:
 
     # --- routing ---------------------------------------------------------------------------
 
+    def _dispatch(self, future: asyncio.Future[Decision], check: _Check) -> None:
+        """To the slot's primary, or to reading the slot map first when it has none yet."""
+        owner = self._owners[check.slot]
+        if owner is None:
+            self._spawn(self._route(future, check))
+        else:
+            self._send(future, check, owner, redirects=0)
+
     def _send(
-        self, future: asyncio.Future[Decision], check: _Check, owner: Node, *, redirects: int,
-        waited: float,
+        self, future: asyncio.Future[Decision], check: _Check, owner: Node, *, redirects: int
     ) -> None:
-        """`waited`: how long the check has already waited for migrations (TRYAGAIN)."""
         inner = self._node(owner).submit(
             check.tenant_id, check.key_id, check.tenant_limit, check.key_limit, check.cost
         )
-        inner.add_done_callback(
-            functools.partial(self._answered, future, check, redirects, waited)
-        )
+        inner.add_done_callback(functools.partial(self._answered, future, check, redirects))
         # A caller that gives up before the check is written spends no tokens (BucketLimiter).
         future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
 
     def _answered(
-        self, future: asyncio.Future[Decision], check: _Check, redirects: int, waited: float,
+        self, future: asyncio.Future[Decision], check: _Check, redirects: int,
         inner: asyncio.Future[Decision],
     ) -> None:
         if future.done():
@@ -251,17 +251,15 @@ class ClusterLimiter:
             return
         if isinstance(error, LimiterRedirected) and redirects < MAX_REDIRECTS and not self._closed:
             self._redirects += 1
-            self._spawn(self._follow(future, check, error, redirects + 1, waited))
+            self._spawn(self._follow(future, check, error, redirects + 1))
             return
-        if isinstance(error, LimiterMigrating) and self._wait_for_migration(future, check, waited):
+        if isinstance(error, LimiterMigrating) and self._wait_for_migration(future, check):
             return
         if isinstance(error, LimiterUnavailable):
             self._refresh_soon()  # a node that fails may have been replaced by a replica
         future.set_exception(error)
 
-    async def _route(
-        self, future: asyncio.Future[Decision], check: _Check, *, waited: float
-    ) -> None:
+    async def _route(self, future: asyncio.Future[Decision], check: _Check) -> None:
         """A check whose slot has no known owner yet: read the map first."""
         try:
             await self._refresh_now()
@@ -272,28 +270,26 @@ class ClusterLimiter:
                     f"{check.tenant_id!r}): the cluster is being set up or lost a shard"
                 )
             if not future.done():
-                self._send(future, check, owner, redirects=0, waited=waited)
+                self._send(future, check, owner, redirects=0)
         except RateLimitError as exc:
             if not future.done():
                 future.set_exception(exc)
 
     async def _follow(
         self, future: asyncio.Future[Decision], check: _Check, redirect: LimiterRedirected,
-        redirects: int, waited: float,
+        redirects: int,
     ) -> None:
         target = (redirect.host, redirect.port)
         if not redirect.ask:
             self._owners[redirect.slot] = target
             self._refresh_soon(force=True)  # the rest of a resharding or failover, at once
             if not future.done():
-                self._send(future, check, target, redirects=redirects, waited=waited)
+                self._send(future, check, target, redirects=redirects)
             return
         try:
             decision = await self._ask(target, check)
         except RateLimitError as exc:
-            if isinstance(exc, LimiterMigrating) and self._wait_for_migration(
-                future, check, waited
-            ):
+            if isinstance(exc, LimiterMigrating) and self._wait_for_migration(future, check):
                 return
             if not future.done():
                 future.set_exception(exc)
@@ -324,32 +320,25 @@ class ClusterLimiter:
             reply, check.tenant_limit, check.key_limit, check.cost, self._timeout
         )
 
-    def _wait_for_migration(
-        self, future: asyncio.Future[Decision], check: _Check, waited: float
-    ) -> bool:
+    def _wait_for_migration(self, future: asyncio.Future[Decision], check: _Check) -> bool:
         """After TRYAGAIN: send the check again later (True), unless it has waited
         MIGRATION_WAIT_S already, or the limiter is closing (False: it fails now)."""
-        delay = min(waited + MIGRATION_FIRST_WAIT_S, MIGRATION_WAIT_S - waited)
+        delay = min(check.waited + MIGRATION_FIRST_WAIT_S, MIGRATION_WAIT_S - check.waited)
         if delay <= 0 or self._closed or future.done():
             return False
+        check.waited += delay
         self._migration_waits += 1
-        self._spawn(self._again(future, check, delay, waited + delay))
+        self._spawn(self._again(future, check, delay))
         return True
 
-    async def _again(
-        self, future: asyncio.Future[Decision], check: _Check, delay: float, waited: float
-    ) -> None:
+    async def _again(self, future: asyncio.Future[Decision], check: _Check, delay: float) -> None:
         await asyncio.sleep(delay)
         if future.done():
             return
         if self._closed:
             future.set_exception(LimiterUnavailable("the limiter is closed"))
             return
-        owner = self._owners[check.slot]
-        if owner is None:
-            await self._route(future, check, waited=waited)
-        else:
-            self._send(future, check, owner, redirects=0, waited=waited)
+        self._dispatch(future, check)
 
     # --- the slot map ----------------------------------------------------------------------
 

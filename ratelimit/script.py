@@ -77,11 +77,10 @@ def encode_call(tenant_key: str, key_key: str, limits: bytes) -> bytes:
     return b"".join((_EVALSHA_HEAD, bulk(tenant_key.encode()), bulk(key_key.encode()), limits))
 
 
+_EVAL_HEAD = b"*10\r\n$4\r\nEVAL\r\n" + bulk(BUCKETS_LUA.encode()) + b"$1\r\n2\r\n"
+
+
 def encode_eval(tenant_key: str, key_key: str, limits: bytes) -> bytes:
     """The same call as EVAL with the script's text: for a node that may not have loaded it
     (a Redis Cluster node importing a slot, asked once through ASKING)."""
-    script = BUCKETS_LUA.encode()
-    return b"".join((
-        b"*10\r\n$4\r\nEVAL\r\n", bulk(script), b"$1\r\n2\r\n",
-        bulk(tenant_key.encode()), bulk(key_key.encode()), limits,
-    ))
+    return b"".join((_EVAL_HEAD, bulk(tenant_key.encode()), bulk(key_key.encode()), limits))
