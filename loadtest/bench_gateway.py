@@ -142,7 +142,7 @@ def _median(values: list[float]) -> float | None:
 Targets = dict[str, Target]  # by ASGI server; all share one upstream, Redis and Kafka
 
 
-async def _round(
+async def overhead_round(
     targets: Targets, rate: float, seconds: float, turn: int = 0
 ) -> dict[str, dict[str, Any]]:
     """One open-loop run direct, one through the relay, then one through each server, starting
@@ -170,10 +170,10 @@ async def overhead(targets: Targets, *, rate: float, seconds: float, rounds: int
     """Open loop at `rate`/s: direct, through the relay, then via each server, `rounds` times;
     medians of rounds, each server's overhead taken against the direct run of its round, and
     against the relay's (what is left once the cost of one more hop is taken out)."""
-    await _round(targets, rate, 1.0)  # warm-up
+    await overhead_round(targets, rate, 1.0)  # warm-up
     runs = []
     for index in range(rounds):
-        runs.append(await _round(targets, rate, seconds, index))
+        runs.append(await overhead_round(targets, rate, seconds, index))
         progress(f"    {rate:.0f}/s round {index + 1}: p50 " + ", ".join(
             f"{name} {run['latency']['p50_ms']} ms" for name, run in runs[-1].items()))
     return {server: {"rate_per_s": rate, "seconds": seconds, **_medians(runs, server),
