@@ -12,7 +12,8 @@ workers take turns at going first); a worker's overhead in a round is its p50 an
 direct call's. Rounds of one `make bench` differ by several times at p99 on this machine, so
 one run cannot show a change of a few tenths of a millisecond; rounds taken side by side can.
 
-Prints one JSON object: per worker, each round's overheads and CPU share and their medians,
+Prints one JSON object: per worker, the figures `make bench` gives a server's overhead rounds
+(each round's overheads, their medians, the CPU share), each round's CPU share,
 and how many rounds met the p99 target; per variant, in how many rounds its p99 overhead was
 below the default worker's, with the two-sided sign test's p-value of that count (with 10
 rounds, 9 or more of 10 either way is what chance gives about 2% of the time).
@@ -25,7 +26,6 @@ import dataclasses
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +39,7 @@ import uvloop  # noqa: E402
 
 from devstack.procs import free_port  # noqa: E402
 from loadtest.bench import TARGETS, TTFT_DELAY_MS, machine_speed  # noqa: E402
-from loadtest.bench_gateway import Target, overhead_round  # noqa: E402
+from loadtest.bench_gateway import Target, overhead_medians, overhead_round  # noqa: E402
 from loadtest.bench_stack import LOAD_CORE, BenchStack, worker_pid  # noqa: E402
 
 DEFAULT = "default"
@@ -83,23 +83,17 @@ def summarise(rounds: list[dict[str, dict[str, Any]]], variants: list[Variant],
               rate: float, seconds: float) -> dict[str, Any]:
     workers: dict[str, Any] = {}
     for name in [DEFAULT, *(v.name for v in variants)]:
-        found: dict[str, Any] = {}
-        for which in ("p50", "p99"):
-            values = [run[name]["latency"][f"{which}_ms"] - run["direct"]["latency"][f"{which}_ms"]
-                      for run in rounds]
-            found[f"overhead_{which}_rounds_ms"] = [round(v, 3) for v in values]
-            found[f"overhead_{which}_ms"] = round(statistics.median(values), 3)
+        found = overhead_medians(rounds, name)  # as `make bench` reports a server's rounds
         found["rounds_p99_within_target"] = sum(
-            v <= P99_TARGET_MS for v in found["overhead_p99_rounds_ms"])
-        shares = [run[name]["worker_cpu_share"] for run in rounds]
-        found["worker_cpu_share_rounds"] = shares
-        found["worker_cpu_share"] = statistics.median(shares)
+            v is not None and v <= P99_TARGET_MS for v in found["overhead_p99_rounds_ms"])
+        found["worker_cpu_share_rounds"] = [run[name]["worker_cpu_share"] for run in rounds]
         workers[name] = found
     against: dict[str, Any] = {}
     base = workers[DEFAULT]["overhead_p99_rounds_ms"]
     for variant in variants:
         mine = workers[variant.name]["overhead_p99_rounds_ms"]
-        untied = [(m, b) for m, b in zip(mine, base, strict=True) if m != b]
+        untied = [(m, b) for m, b in zip(mine, base, strict=True)
+                  if m is not None and b is not None and m != b]
         lower = sum(m < b for m, b in untied)
         against[variant.name] = {"env": variant.env, "p99_lower_in": lower,
                                  "of": len(untied), "sign_test_p": sign_test_p(lower, len(untied))}

@@ -176,12 +176,12 @@ async def overhead(targets: Targets, *, rate: float, seconds: float, rounds: int
         runs.append(await overhead_round(targets, rate, seconds, index))
         progress(f"    {rate:.0f}/s round {index + 1}: p50 " + ", ".join(
             f"{name} {run['latency']['p50_ms']} ms" for name, run in runs[-1].items()))
-    return {server: {"rate_per_s": rate, "seconds": seconds, **_medians(runs, server),
+    return {server: {"rate_per_s": rate, "seconds": seconds, **overhead_medians(runs, server),
                      "runs": [{k: run[k] for k in ("direct", "relay", server)} for run in runs]}
             for server in targets}
 
 
-def _medians(runs: list[dict[str, dict[str, Any]]], server: str) -> dict[str, Any]:
+def overhead_medians(runs: list[dict[str, dict[str, Any]]], server: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for which in ("p50", "p99"):
         for series, suffix in (("latency", ""), ("latency_from_send", "_from_send")):
