@@ -2,9 +2,11 @@
 noise of a shared machine.
 
     .venv/bin/python -m loadtest.bench_ab --variant poll300:GATEWAY_BUSY_POLL_US=300 \\
-        [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--rounds 10] [--rate 2000] [--seconds 5]
+        [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...] [--rounds 10] [--rate 2000] [--seconds 5] \\
+        [--guest-halt-poll-ns NS|found]
 
-One stack as `make bench` sets it up (`loadtest.bench_stack`): the worker as `make up` runs it
+One stack as `make bench` sets it up (`loadtest.bench_stack`, the guest's halt polling held as
+`make bench` holds it: `loadtest.guest_idle`): the worker as `make up` runs it
 (`default`) and one more worker per variant, the same but for the variant's `GATEWAY_*`
 settings, all pinned to the gateway's core. Each round calls the upstream directly, through the
 bench's do-nothing relay, then through every worker in turn, at the same open-loop rate (the
@@ -26,6 +28,7 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +41,7 @@ import orjson  # noqa: E402
 import uvloop  # noqa: E402
 
 from devstack.procs import free_port  # noqa: E402
+from loadtest import guest_idle  # noqa: E402
 from loadtest.bench import TARGETS, TTFT_DELAY_MS, machine_speed  # noqa: E402
 from loadtest.bench_gateway import Target, overhead_medians, overhead_round  # noqa: E402
 from loadtest.bench_stack import LOAD_CORE, BenchStack, worker_pid  # noqa: E402
@@ -133,9 +137,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s")
     parser.add_argument("--seconds", type=float, default=5.0, help="per run")
+    parser.add_argument("--guest-halt-poll-ns", default=str(guest_idle.KERNEL_DEFAULT_NS),
+                        help="the guest's halt polling held while it runs, as make bench holds "
+                        "it (loadtest/guest_idle.py); 'found' leaves the machine's value")
     args = parser.parse_args()
     try:
         variants = [parse_variant(text) for text in args.variant]
+        halt_poll_ns = guest_idle.parse_setting(args.guest_halt_poll_ns)
     except ValueError as exc:
         parser.error(str(exc))
     if len({v.name for v in variants}) != len(variants):
@@ -150,14 +158,17 @@ def main() -> int:
     root.chmod(0o755)  # Postgres runs as its own user under root and must reach its folder
     bench = BenchStack(root, ["uvicorn"], ttft_ms=TTFT_DELAY_MS,
                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks run
     try:
-        rounds = uvloop.run(measure(start(bench, variants), args))
+        with guest_idle.HaltPolling(halt_poll_ns) as halt:
+            rounds = uvloop.run(measure(start(bench, variants), args))
     finally:
         bench.close()
         shutil.rmtree(root, ignore_errors=True)
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     found = summarise(rounds, variants, args.rate, args.seconds)
-    found["machine"] = {"speed_ms": {"at_start": speed_at_start, "at_end": machine_speed()}}
+    found["machine"] = {"speed_ms": {"at_start": speed_at_start, "at_end": machine_speed()},
+                        "guest_halt_polling": halt.report()}
     os.write(stdout, orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
 
