@@ -93,6 +93,10 @@ async def refused_connection(url: str) -> bool:
                 await client.get("/healthz")
         except httpx.ConnectError:
             return True
+        except httpx.RemoteProtocolError:
+            # Taken into the listener's backlog just as it closed: dropped unanswered. The
+            # next try shows whether the listener is gone.
+            pass
         await asyncio.sleep(0.02)
     return False
 
