@@ -16,7 +16,8 @@ fast pace. Both paths run in this process on the same deployed demo flow:
 CPU is `time.process_time()` (all threads of this process) per turn, sequentially (median,
 mean, min) and for batches of 20 turns in flight (CPU of the batch / 20). The two paths
 alternate turn by turn (the tuning is installed for runtime turns only), so a busy machine
-slows both alike. Unless
+slows both alike. Both are measured once this process has settled its garbage collector as
+the server does at start (`runtime.app.settle_garbage_collector`). Unless
 `--no-server`, the real server (`python -m runtime`) is also measured over HTTP: the CPU
 its process spent (from /proc) per streamed turn.
 """
@@ -197,6 +198,7 @@ async def main() -> None:
         config = RuntimeConfig(service_token=TOKEN, flows_dir=log_dir / "flows",
                                llm_base_url=llm_url, log_level="error")
         apply_engine_environment(config, os.environ)
+        from runtime.app import settle_garbage_collector
         from runtime.components import ComponentCatalogue
         from runtime.engine import FlowEngine
         from runtime.flow_store import FlowStore
@@ -226,6 +228,7 @@ async def main() -> None:
         engine = FlowEngine(config, await ComponentCatalogue.load(), store)
         engine.deploy("demo", 1, flow)
         ours = EnginePath("runtime", runtime_turn(engine, "demo"), tuned)
+        settle_garbage_collector()  # as the server does once it has started
         await measure([baseline, ours], args.turns)
         await tuning.aclose()
         server = None

@@ -13,6 +13,7 @@ Errors are `{"error": {"code", "message"}}`; the codes come from runtime.errors.
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +81,21 @@ def make_redactor(secret: str) -> Callable[[str], str]:
     return redact
 
 
+
+def settle_garbage_collector() -> None:
+    """What the runtime holds once started (lfx, langchain, the component catalogue, the
+    deployed flows: about half a million objects) lives as long as the process. Frozen, it is
+    never scanned again. Measured in-process over 205 turns of the runtime's path
+    (loadtest/bench_runtime.py's turns, two runs each way): a full collection took about
+    260 ms of CPU over the whole heap, a pause every run in flight on the worker waits out,
+    and about 40 ms once it is frozen; the collector's share of a turn fell from 3.3 to
+    1.6 ms. Young collections keep their default pace: with 20,000 allocations between them
+    instead of 700, more of a turn's graph was still alive at each, and they cost more in
+    all."""
+    gc.collect()
+    gc.freeze()
+
+
 class RuntimeAPI:
     """The route handlers; the engine they use is built in the app's lifespan."""
 
@@ -111,6 +127,7 @@ class RuntimeAPI:
             )
         self._engine = FlowEngine(self.config, catalogue, store, documents)
         self._engine.load_stored()
+        settle_garbage_collector()
         try:
             yield
         finally:
