@@ -66,9 +66,7 @@ OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--py-spy", str, str(Path(sys.executable).parent / "py-spy"), "the py-spy binary"),
     ("--tail-seconds", float, 5.0, "a probed worker at --rate, for where the tail comes from; 0 "
      "to skip"),
-    ("--guest-halt-poll-ns", str, str(guest_idle.KERNEL_DEFAULT_NS),
-     "the guest's halt polling held while the bench runs (loadtest/guest_idle.py), the kernel's "
-     "default unless given; 'found' leaves the machine's value"),
+    (guest_idle.OPTION, str, str(guest_idle.KERNEL_DEFAULT_NS), guest_idle.OPTION_HELP),
 )
 
 
@@ -326,9 +324,10 @@ def notes(found: dict[str, Any], rate: float) -> list[str]:
 def halt_polling_notes(halt: guest_idle.HaltPolling | None) -> list[str]:
     if halt is None or halt.held is None:
         return []
-    return [f"the bench ran with the guest's halt polling at {halt.held} ns (the kernel's default "
-            f"is {guest_idle.KERNEL_DEFAULT_NS}); the machine had {halt.found} ns, put back at "
-            "the end: overhead_idle_as_found is the overhead with that value, same run"]
+    default = " (the kernel's default)" if halt.held == guest_idle.KERNEL_DEFAULT_NS else ""
+    return [f"the bench ran with the guest's halt polling at {halt.held} ns{default}; the machine "
+            f"had {halt.found} ns, put back at the end: overhead_idle_as_found is the overhead "
+            "with that value, same run"]
 
 
 def report(servers: dict[str, dict[str, Any]], runtime: dict[str, Any], errors: list[str],

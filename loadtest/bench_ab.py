@@ -137,9 +137,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s")
     parser.add_argument("--seconds", type=float, default=5.0, help="per run")
-    parser.add_argument("--guest-halt-poll-ns", default=str(guest_idle.KERNEL_DEFAULT_NS),
-                        help="the guest's halt polling held while it runs, as make bench holds "
-                        "it (loadtest/guest_idle.py); 'found' leaves the machine's value")
+    parser.add_argument(guest_idle.OPTION, default=str(guest_idle.KERNEL_DEFAULT_NS),
+                        help=guest_idle.OPTION_HELP)
     args = parser.parse_args()
     try:
         variants = [parse_variant(text) for text in args.variant]

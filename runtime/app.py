@@ -81,7 +81,6 @@ def make_redactor(secret: str) -> Callable[[str], str]:
     return redact
 
 
-
 def settle_garbage_collector() -> None:
     """What the runtime holds once started (lfx, langchain, the component catalogue, the
     deployed flows: about half a million objects) lives as long as the process. Frozen, it is

@@ -78,11 +78,25 @@ def test_a_parameter_it_cannot_write(tmp_path: Path) -> None:
     assert blocked.why_not == (f"cannot write {param} (Permission denied); needs root")
 
 
+def test_a_value_the_kernel_refuses(tmp_path: Path) -> None:
+    param, driver = sysfs(tmp_path)
+    refused = HaltPolling(KERNEL_DEFAULT_NS, param=param, driver=driver)
+    refused._write = _invalid  # type: ignore[method-assign]
+    with refused:
+        pass
+    assert refused.held is None and param.read_text() == "0\n"
+    assert refused.why_not == f"cannot write {KERNEL_DEFAULT_NS} to {param} (Invalid argument)"
+
+
+def _invalid(value: int) -> None:
+    raise OSError(22, "Invalid argument")
+
+
 def _refuse(value: int) -> None:
     raise PermissionError(13, "Permission denied")
 
 
-@pytest.mark.parametrize("text", ["-1", "fast", "1.5", "10000000001", ""])
+@pytest.mark.parametrize("text", ["-1", "fast", "1.5", "10000000001", "1000000001", ""])
 def test_a_bad_setting_is_named(text: str) -> None:
     with pytest.raises(ValueError, match=f"--guest-halt-poll-ns {text!r}: expected nanoseconds"):
         parse_setting(text)
